@@ -1,0 +1,35 @@
+// Atomic experts: y_t = sum_k g_k * act(x_t . W[e_k]) * V[e_k].
+#pragma once
+
+#include <omnimoe/config.h>
+#include <omnimoe/schedule.h>
+#include <omnimoe/tensor.h>
+
+namespace omnimoe {
+
+struct ExpertWeights {
+  TensorView up;    // W, [N, d], dtype of x (up_embed.weight)
+  TensorView down;  // V, [N, d], dtype of x (down_embed.weight)
+};
+
+// `indices` i32 [T, K] and `gates` f32 [T, K] come from the router, `schedule` from
+// schedule_build over the same indices. y [T, d] is overwritten, or added to when accumulate is
+// true. `preact` f32 [T, K] receives x_t . W[e_k], which backward reuses.
+size_t experts_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                       const Exec& exec);
+void experts_forward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
+                     const TensorView& indices, const TensorView& gates, const Schedule& schedule,
+                     const TensorView& y, bool accumulate, const TensorView& preact,
+                     Buffer workspace, const Exec& exec);
+
+// Gradients: dx [T, d] (overwritten, or added to when accumulate_dx), grads.up / grads.down
+// [N, d] (overwritten; rows of experts no token chose are zero), dgates f32 [T, K].
+size_t experts_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                        const Exec& exec);
+void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
+                      const TensorView& indices, const TensorView& gates,
+                      const TensorView& preact, const Schedule& schedule, const TensorView& dy,
+                      const TensorView& dx, bool accumulate_dx, const ExpertWeights& grads,
+                      const TensorView& dgates, Buffer workspace, const Exec& exec);
+
+}  // namespace omnimoe

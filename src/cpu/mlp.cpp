@@ -1,0 +1,2 @@
+// Placeholder until the CPU mlp op lands.
+#include "backend/backend.h"

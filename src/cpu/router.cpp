@@ -1,0 +1,2 @@
+// Placeholder until the CPU router op lands.
+#include "backend/backend.h"

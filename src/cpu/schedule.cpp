@@ -1,0 +1,2 @@
+// Placeholder until the CPU schedule op lands.
+#include "backend/backend.h"

@@ -1,0 +1,161 @@
+// The composed layer, built from the public ops (so it runs on any backend they run on).
+#include <omnimoe/layer.h>
+
+#include <algorithm>
+
+#include "core/check.h"
+#include "core/validate.h"
+
+namespace omnimoe {
+using namespace detail;
+
+namespace {
+
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Lays out the saved buffer; with base == nullptr it only measures.
+struct SavedLayout {
+  size_t offset = 0;
+  char* base = nullptr;
+  Device device;
+
+  void* take(size_t bytes) {
+    void* p = base ? base + offset : nullptr;
+    offset += align_up(bytes);
+    return p;
+  }
+  TensorView matrix(DType dtype, int64_t rows, int64_t cols) {
+    void* p = take(static_cast<size_t>(rows * cols) * dtype_size(dtype));
+    return TensorView::contiguous(p, dtype, {rows, cols}, device);
+  }
+  TensorView vector(DType dtype, int64_t n) {
+    void* p = take(static_cast<size_t>(n) * dtype_size(dtype));
+    return TensorView::contiguous(p, dtype, {n}, device);
+  }
+};
+
+LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLayout& L) {
+  const int64_t K = cfg.top_k;
+  LayerSaved s;
+  s.routing.indices = L.matrix(DType::i32, tokens, K);
+  s.routing.scores = L.matrix(DType::f32, tokens, K);
+  s.routing.gates = L.matrix(DType::f32, tokens, K);
+  s.expert_preact = L.matrix(DType::f32, tokens, K);
+  s.schedule.pair_order = L.vector(DType::i32, tokens * K);
+  s.schedule.expert_offsets = L.vector(DType::i32, cfg.num_experts() + 1);
+  s.router.row_logits = L.matrix(DType::f32, tokens, cfg.grid_rows);
+  s.router.col_logits = L.matrix(DType::f32, tokens, cfg.grid_cols);
+  if (cfg.router_norm == RouterNorm::batch) {
+    s.router.row_rstd = L.vector(DType::f32, cfg.grid_rows);
+    s.router.col_rstd = L.vector(DType::f32, cfg.grid_cols);
+  }
+  if (cfg.intermediate > 0) {
+    s.mlp.gate_pre = L.matrix(dtype, tokens, cfg.intermediate);
+    s.mlp.up_pre = L.matrix(dtype, tokens, cfg.intermediate);
+  }
+  return s;
+}
+
+void check_layer_args(const char* op, const LayerConfig& cfg, const TensorView& x, Exec exec) {
+  cfg.validate();
+  check_exec(op, exec);
+  check_matrix(op, "x", x, -1, cfg.hidden, x.dtype, exec.device);
+  check_storage_dtype(op, "x", x.dtype);
+  check_token_count(op, cfg, x.shape[0]);
+}
+
+}  // namespace
+
+size_t layer_saved_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype) {
+  cfg.validate();
+  check_storage_dtype("layer_saved_bytes", "dtype", dtype);
+  check_token_count("layer_saved_bytes", cfg, tokens);
+  SavedLayout L;
+  lay_out(cfg, tokens, dtype, L);
+  return L.offset;
+}
+
+LayerSaved layer_saved_views(const LayerConfig& cfg, int64_t tokens, DType dtype, Buffer saved,
+                             Device device) {
+  check_buffer("layer_saved_views", "saved", saved, layer_saved_bytes(cfg, tokens, dtype));
+  OMNIMOE_CHECK(reinterpret_cast<uintptr_t>(saved.data) % 16 == 0,
+                "layer_saved_views: saved must be 16-byte aligned, got address ", saved.data);
+  SavedLayout L;
+  L.base = static_cast<char*>(saved.data);
+  L.device = device;
+  return lay_out(cfg, tokens, dtype, L);
+}
+
+size_t layer_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                     const Exec& exec) {
+  // The ops run one after another on one stream, so they share one workspace.
+  size_t bytes = std::max({router_forward_workspace_bytes(cfg, tokens, dtype, exec),
+                           schedule_workspace_bytes(cfg, tokens, exec),
+                           experts_forward_workspace_bytes(cfg, tokens, dtype, exec)});
+  if (cfg.intermediate > 0) {
+    bytes = std::max(bytes, mlp_forward_workspace_bytes(cfg, tokens, dtype, exec));
+  }
+  return bytes;
+}
+
+void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
+                   const RouterNormState& norm, bool training, const TensorView& y, Buffer saved,
+                   Buffer workspace, const Exec& exec) {
+  const char* op = "layer_forward";
+  check_layer_args(op, cfg, x, exec);
+  const int64_t tokens = x.shape[0];
+  check_matrix(op, "y", y, tokens, cfg.hidden, x.dtype, exec.device);
+  check_buffer(op, "workspace", workspace,
+               layer_forward_workspace_bytes(cfg, tokens, x.dtype, exec));
+  const LayerSaved s = layer_saved_views(cfg, tokens, x.dtype, saved, exec.device);
+
+  const bool has_mlp = cfg.intermediate > 0;
+  if (has_mlp) mlp_forward(cfg, x, weights.mlp, y, /*accumulate=*/false, s.mlp, workspace, exec);
+  router_forward(cfg, x, weights.router, norm, training, s.routing, s.router, workspace, exec);
+  schedule_build(cfg, s.routing.indices, s.schedule, workspace, exec);
+  experts_forward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, s.schedule, y,
+                  /*accumulate=*/has_mlp, s.expert_preact, workspace, exec);
+}
+
+size_t layer_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                      const Exec& exec) {
+  size_t ops = std::max(router_backward_workspace_bytes(cfg, tokens, dtype, exec),
+                        experts_backward_workspace_bytes(cfg, tokens, dtype, exec));
+  if (cfg.intermediate > 0) {
+    ops = std::max(ops, mlp_backward_workspace_bytes(cfg, tokens, dtype, exec));
+  }
+  // dgates (f32 [T, K]) passes from the experts' backward to the router's.
+  return align_up(static_cast<size_t>(tokens * cfg.top_k) * 4) + ops;
+}
+
+void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
+                    bool training, Buffer saved, const TensorView& dy, const TensorView& dx,
+                    const LayerGrads& grads, Buffer workspace, const Exec& exec) {
+  const char* op = "layer_backward";
+  check_layer_args(op, cfg, x, exec);
+  const int64_t tokens = x.shape[0];
+  check_buffer(op, "workspace", workspace,
+               layer_backward_workspace_bytes(cfg, tokens, x.dtype, exec));
+  const LayerSaved s = layer_saved_views(cfg, tokens, x.dtype, saved, exec.device);
+
+  const size_t dgates_bytes = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
+  const TensorView dgates =
+      TensorView::contiguous(workspace.data, DType::f32, {tokens, cfg.top_k}, exec.device);
+  const Buffer op_workspace{static_cast<char*>(workspace.data) + dgates_bytes,
+                            workspace.bytes - dgates_bytes};
+
+  const bool has_mlp = cfg.intermediate > 0;
+  if (has_mlp) {
+    mlp_backward(cfg, x, weights.mlp, s.mlp, dy, dx, /*accumulate_dx=*/false, grads.mlp,
+                 op_workspace, exec);
+  }
+  experts_backward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, s.expert_preact,
+                   s.schedule, dy, dx, /*accumulate_dx=*/has_mlp, grads.experts, dgates,
+                   op_workspace, exec);
+  router_backward(cfg, x, weights.router, training, s.router, s.routing, dgates, dx,
+                  /*accumulate_dx=*/true, grads.router, op_workspace, exec);
+}
+
+}  // namespace omnimoe

@@ -1,0 +1,86 @@
+#include <omnimoe/mlp.h>
+
+#include "backend/backend.h"
+#include "core/validate.h"
+
+namespace omnimoe {
+using namespace detail;
+
+namespace {
+
+int64_t check_mlp(const char* op, const LayerConfig& cfg, const TensorView& x,
+                  const MlpWeights& w, const char* gate_name, const char* up_name,
+                  const char* down_name, const Exec& exec) {
+  cfg.validate();
+  check_exec(op, exec);
+  OMNIMOE_CHECK(cfg.intermediate > 0, op,
+                ": needs intermediate (I) > 0; I = 0 means the layer has no shared MLP");
+  const Device dev = exec.device;
+  check_matrix(op, "x", x, -1, cfg.hidden, x.dtype, dev);
+  check_storage_dtype(op, "x", x.dtype);
+  const int64_t tokens = x.shape[0];
+  check_token_count(op, cfg, tokens);
+  check_matrix(op, gate_name, w.gate, cfg.intermediate, cfg.hidden, x.dtype, dev);
+  check_matrix(op, up_name, w.up, cfg.intermediate, cfg.hidden, x.dtype, dev);
+  check_matrix(op, down_name, w.down, cfg.hidden, cfg.intermediate, x.dtype, dev);
+  return tokens;
+}
+
+void check_saved(const char* op, const LayerConfig& cfg, int64_t tokens, const MlpSaved& s,
+                 DType dtype, Device dev) {
+  check_dense_matrix(op, "saved.gate_pre", s.gate_pre, tokens, cfg.intermediate, dtype, dev);
+  check_dense_matrix(op, "saved.up_pre", s.up_pre, tokens, cfg.intermediate, dtype, dev);
+}
+
+}  // namespace
+
+size_t mlp_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                   const Exec& exec) {
+  cfg.validate();
+  check_exec("mlp_forward_workspace_bytes", exec);
+  check_token_count("mlp_forward_workspace_bytes", cfg, tokens);
+  return OMNIMOE_DISPATCH(exec, mlp_forward_workspace_bytes, cfg, tokens, dtype);
+}
+
+void mlp_forward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                 const TensorView& y, bool accumulate, const MlpSaved& saved, Buffer workspace,
+                 const Exec& exec) {
+  const char* op = "mlp_forward";
+  const int64_t tokens = check_mlp(op, cfg, x, weights, "weights.gate", "weights.up",
+                                   "weights.down", exec);
+  check_matrix(op, "y", y, tokens, cfg.hidden, x.dtype, exec.device);
+  check_saved(op, cfg, tokens, saved, x.dtype, exec.device);
+  check_buffer(op, "workspace", workspace,
+               OMNIMOE_DISPATCH(exec, mlp_forward_workspace_bytes, cfg, tokens, x.dtype));
+  if (tokens == 0) return;
+  OMNIMOE_DISPATCH(exec, mlp_forward, cfg, x, weights, y, accumulate, saved, workspace, exec);
+}
+
+size_t mlp_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                    const Exec& exec) {
+  cfg.validate();
+  check_exec("mlp_backward_workspace_bytes", exec);
+  check_token_count("mlp_backward_workspace_bytes", cfg, tokens);
+  return OMNIMOE_DISPATCH(exec, mlp_backward_workspace_bytes, cfg, tokens, dtype);
+}
+
+void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                  const MlpSaved& saved, const TensorView& dy, const TensorView& dx,
+                  bool accumulate_dx, const MlpWeights& grads, Buffer workspace,
+                  const Exec& exec) {
+  const char* op = "mlp_backward";
+  const int64_t tokens = check_mlp(op, cfg, x, weights, "weights.gate", "weights.up",
+                                   "weights.down", exec);
+  check_saved(op, cfg, tokens, saved, x.dtype, exec.device);
+  check_matrix(op, "dy", dy, tokens, cfg.hidden, x.dtype, exec.device);
+  check_matrix(op, "dx", dx, tokens, cfg.hidden, x.dtype, exec.device);
+  check_matrix(op, "grads.gate", grads.gate, cfg.intermediate, cfg.hidden, x.dtype, exec.device);
+  check_matrix(op, "grads.up", grads.up, cfg.intermediate, cfg.hidden, x.dtype, exec.device);
+  check_matrix(op, "grads.down", grads.down, cfg.hidden, cfg.intermediate, x.dtype, exec.device);
+  check_buffer(op, "workspace", workspace,
+               OMNIMOE_DISPATCH(exec, mlp_backward_workspace_bytes, cfg, tokens, x.dtype));
+  OMNIMOE_DISPATCH(exec, mlp_backward, cfg, x, weights, saved, dy, dx, accumulate_dx, grads,
+                   workspace, exec);
+}
+
+}  // namespace omnimoe

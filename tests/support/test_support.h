@@ -1,0 +1,71 @@
+// Test helpers: owning host tensors, random fills, poisoning, and the tolerance policy.
+#pragma once
+
+#include <omnimoe/omnimoe.h>
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace omnimoe::test {
+
+// An owning host tensor, row-major (optionally with padded rows to test strided views).
+class HostTensor {
+ public:
+  HostTensor() = default;
+  HostTensor(DType dtype, std::vector<int64_t> shape, int64_t row_padding = 0);
+
+  TensorView view() const;  // a CPU view (with the padded row stride, if any)
+  DType dtype() const { return dtype_; }
+  const std::vector<int64_t>& shape() const { return shape_; }
+  int64_t numel() const;
+  int64_t rows() const { return shape_.empty() ? 1 : shape_[0]; }
+  int64_t cols() const { return shape_.size() < 2 ? 1 : shape_.back(); }
+  int64_t row_stride() const { return row_stride_; }
+  void* data() { return storage_.data(); }
+  const void* data() const { return storage_.data(); }
+  size_t bytes() const { return storage_.size(); }
+
+  // Element access by logical flat index (row-major over the shape), as double.
+  double get(int64_t flat) const;
+  void set(int64_t flat, double value);
+  double at(int64_t r, int64_t c) const { return get(r * cols() + c); }
+
+  // Uniform in [lo, hi); never all zeros. Integer tensors get integers in [lo, hi).
+  void fill_uniform(uint64_t seed, double lo = -1.0, double hi = 1.0);
+  void fill(double value);
+  // NaN for floats, 0x7fffffff-ish sentinel for integers: an element left unwritten fails.
+  void poison();
+  bool all_finite() const;
+  std::vector<double> to_vector() const;  // logical elements as double
+
+ private:
+  int64_t offset(int64_t flat) const;
+  DType dtype_ = DType::f32;
+  std::vector<int64_t> shape_;
+  int64_t row_stride_ = 0;
+  std::vector<uint8_t> storage_;
+};
+
+// Tolerance policy (docs/testing.md): |got - want| <= atol + rtol * |want|, where rtol and atol
+// come from the storage dtype and grow with sqrt(terms), the number of products summed.
+struct Tolerance {
+  double rtol;
+  double atol;
+};
+Tolerance tolerance_for(DType dtype, int64_t terms);
+
+// Largest violation of the tolerance (<= 1 passes) and a description of where.
+struct Comparison {
+  double worst_ratio = 0.0;  // max |got - want| / (atol + rtol |want|)
+  double max_abs_error = 0.0;
+  int64_t worst_index = -1;
+  double got = 0.0, want = 0.0;
+  bool has_nan = false;
+  std::string describe() const;
+};
+Comparison compare(const std::vector<double>& got, const std::vector<double>& want,
+                   Tolerance tol);
+
+}  // namespace omnimoe::test
