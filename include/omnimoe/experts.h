@@ -12,6 +12,12 @@ struct ExpertWeights {
   TensorView down;  // V, [N, d], dtype of x (down_embed.weight)
 };
 
+// The execution the experts ops choose for this call ("cpu"; on CUDA e.g. "gather" for few
+// tokens per expert, "tiled" for many), so benchmarks can say which path ran. The environment
+// variable OMNIMOE_EXPERTS_PATH forces a CUDA path by name (for tests and benchmarks).
+const char* experts_execution(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                              const Exec& exec);
+
 // `indices` i32 [T, K] and `gates` f32 [T, K] come from the router, `schedule` from
 // schedule_build over the same indices. y [T, d] is overwritten, or added to when accumulate is
 // true. `preact` f32 [T, K] receives x_t . W[e_k], which backward reuses.

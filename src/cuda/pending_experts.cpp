@@ -4,6 +4,7 @@
 
 namespace omnimoe::cuda {
 
+const char* experts_execution(const LayerConfig&, int64_t, DType) { return "pending"; }
 size_t experts_forward_workspace_bytes(const LayerConfig&, int64_t, DType) { return 0; }
 void experts_forward(const LayerConfig&, const TensorView&, const ExpertWeights&,
                      const TensorView&, const TensorView&, const Schedule&, const TensorView&,

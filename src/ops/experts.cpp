@@ -32,6 +32,14 @@ int64_t check_routing(const char* op, const LayerConfig& cfg, const TensorView& 
 
 }  // namespace
 
+const char* experts_execution(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                              const Exec& exec) {
+  cfg.validate();
+  check_exec("experts_execution", exec);
+  check_token_count("experts_execution", cfg, tokens);
+  return OMNIMOE_DISPATCH(exec, experts_execution, cfg, tokens, dtype);
+}
+
 size_t experts_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                        const Exec& exec) {
   cfg.validate();

@@ -1,0 +1,18 @@
+// Dense matrix products for the CUDA backend through cuBLASLt (router logits and gradients,
+// the shared MLP, baselines). Row-major views in, fp32 accumulation whatever the storage type.
+#pragma once
+
+#include <omnimoe/omnimoe.h>
+
+namespace omnimoe::cuda {
+
+// C = alpha * op(A) * op(B) + beta * C with row-major 2-D views (inner stride 1, any row
+// stride). op(A) is [m, k]: A is [m, k], or [k, m] when trans_a. op(B) is [k, n]: B is [k, n],
+// or [n, k] when trans_b. A and B share a dtype (f32, f64, bf16, f16); C has A's dtype or f32.
+// beta = 0 never reads C (it may hold NaN). Capturable in a CUDA graph; no allocation: the
+// cuBLASLt workspace comes from `workspace` (gemm_workspace_bytes()).
+void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
+          const TensorView& c, float alpha, float beta, Buffer workspace, const Exec& exec);
+size_t gemm_workspace_bytes();
+
+}  // namespace omnimoe::cuda
