@@ -90,6 +90,7 @@ void HostTensor::fill(double value) {
 
 void HostTensor::poison() {
   // Poison the whole allocation, padding included.
+  if (storage_.empty()) return;
   if (dtype_ == DType::i32 || dtype_ == DType::i64 || dtype_ == DType::u8) {
     std::memset(storage_.data(), 0x7f, storage_.size());
   } else {

@@ -3,6 +3,7 @@
 
 #include <omnimoe/omnimoe.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -20,8 +21,9 @@ class HostTensor {
   DType dtype() const { return dtype_; }
   const std::vector<int64_t>& shape() const { return shape_; }
   int64_t numel() const;
-  int64_t rows() const { return shape_.empty() ? 1 : shape_[0]; }
-  int64_t cols() const { return shape_.size() < 2 ? 1 : shape_.back(); }
+  // Leading dimensions collapse into rows; a 1-D tensor is one row.
+  int64_t rows() const { return shape_.size() < 2 ? 1 : numel() / std::max<int64_t>(cols(), 1); }
+  int64_t cols() const { return shape_.empty() ? 1 : shape_.back(); }
   int64_t row_stride() const { return row_stride_; }
   void* data() { return storage_.data(); }
   const void* data() const { return storage_.data(); }

@@ -1,0 +1,269 @@
+// cuBLASLt behind the row-major gemm() of gemm.h. cuBLASLt is column-major: a row-major [r, c]
+// matrix with row stride ld is the column-major [c, r] matrix with leading dimension ld, so
+// row-major C = op(A) op(B) is computed as column-major C^T = op(B)^T op(A)^T, B first.
+#include <cublasLt.h>
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+#include "cuda/cuda_common.cuh"
+#include "cuda/gemm.h"
+
+namespace omnimoe::cuda {
+namespace {
+
+#define OMNIMOE_CUBLASLT_CHECK(call)                                                      \
+  do {                                                                                    \
+    const cublasStatus_t omnimoe_status_ = (call);                                        \
+    if (omnimoe_status_ != CUBLAS_STATUS_SUCCESS) {                                       \
+      OMNIMOE_FAIL("cuBLASLt call ", #call, " failed: ", cublasLtGetStatusName(omnimoe_status_), \
+                   " (", cublasLtGetStatusString(omnimoe_status_), ")");                  \
+    }                                                                                     \
+  } while (0)
+
+constexpr size_t kWorkspaceBytes = size_t{32} << 20;  // what cuBLAS asks for on Hopper
+constexpr uintptr_t kMaxAlignment = 256;
+
+cudaDataType_t cuda_type(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return CUDA_R_32F;
+    case DType::f64: return CUDA_R_64F;
+    case DType::bf16: return CUDA_R_16BF;
+    case DType::f16: return CUDA_R_16F;
+    default: break;
+  }
+  OMNIMOE_FAIL("gemm: unsupported dtype ", dtype_name(dtype), " (expected f32, f64, bf16 or f16)");
+}
+
+// Largest power of two (<= 256) dividing the address: cuBLASLt assumes 256 unless told.
+uint32_t alignment_of(const void* p) {
+  uintptr_t a = kMaxAlignment;
+  while (a > 1 && reinterpret_cast<uintptr_t>(p) % a != 0) a /= 2;
+  return static_cast<uint32_t>(a);
+}
+
+// One handle per device, created on first use and kept for the life of the process (destroying
+// it at exit could run after the CUDA context is gone).
+cublasLtHandle_t handle_for(int device) {
+  static std::mutex mutex;
+  static std::map<int, cublasLtHandle_t> handles;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = handles.find(device);
+  if (it != handles.end()) return it->second;
+  cublasLtHandle_t h = nullptr;
+  OMNIMOE_CUBLASLT_CHECK(cublasLtCreate(&h));
+  handles.emplace(device, h);
+  return h;
+}
+
+// Everything that decides the descriptors and the algorithm.
+struct PlanKey {
+  int device;
+  int a_type, c_type;
+  bool trans_a, trans_b;
+  int64_t m, n, k, lda, ldb, ldc;
+  uint32_t align_a, align_b, align_c;
+  size_t workspace;
+  auto tie() const {
+    return std::tie(device, a_type, c_type, trans_a, trans_b, m, n, k, lda, ldb, ldc, align_a,
+                    align_b, align_c, workspace);
+  }
+  bool operator<(const PlanKey& o) const { return tie() < o.tie(); }
+};
+
+// Descriptors and the heuristic's choice for one key; immutable once built.
+struct Plan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t first = nullptr, second = nullptr, out = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool f64 = false;
+  ~Plan() {
+    if (out) cublasLtMatrixLayoutDestroy(out);
+    if (second) cublasLtMatrixLayoutDestroy(second);
+    if (first) cublasLtMatrixLayoutDestroy(first);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+std::unique_ptr<Plan> build_plan(cublasLtHandle_t handle, const PlanKey& key) {
+  auto plan = std::make_unique<Plan>();
+  const auto ab = static_cast<cudaDataType_t>(key.a_type);
+  const auto ct = static_cast<cudaDataType_t>(key.c_type);
+  plan->f64 = ab == CUDA_R_64F;
+  // Plain FP32 (no TF32) for f32 inputs: the CPU backend is the oracle.
+  const cublasComputeType_t compute = plan->f64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
+  const cudaDataType_t scale = plan->f64 ? CUDA_R_64F : CUDA_R_32F;
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&plan->op, compute, scale));
+
+  // cuBLASLt's first operand is our B, its second is our A (see the top of the file).
+  const cublasOperation_t op_first = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_second = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                        &op_first, sizeof(op_first)));
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                        &op_second, sizeof(op_second)));
+
+  // Stored shapes, column-major: B row-major [k, n] (or [n, k]) is [n, k] (or [k, n]).
+  const uint64_t m = key.m, n = key.n, k = key.k;
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->first, ab, key.trans_b ? k : n,
+                                                    key.trans_b ? n : k, key.ldb));
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->second, ab, key.trans_a ? m : k,
+                                                    key.trans_a ? k : m, key.lda));
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->out, ct, n, m, key.ldc));
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  // Destroys the preference however this function exits.
+  std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, cublasStatus_t (*)(cublasLtMatmulPreference_t)>
+      pref_owner(pref, cublasLtMatmulPreferenceDestroy);
+  const uint64_t ws = key.workspace;
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  const uint32_t aligns[4] = {key.align_b, key.align_a, key.align_c, key.align_c};
+  const cublasLtMatmulPreferenceAttributes_t align_attrs[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4; ++i) {
+    OMNIMOE_CUBLASLT_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof(uint32_t)));
+  }
+
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->op, plan->first,
+                                                        plan->second, plan->out, plan->out, pref,
+                                                        1, &result, &found));
+  OMNIMOE_CHECK(found > 0, "gemm: cuBLASLt found no algorithm for m=", key.m, " n=", key.n,
+                " k=", key.k, " (", key.trans_a ? "A^T" : "A", " * ", key.trans_b ? "B^T" : "B",
+                ", lda=", key.lda, " ldb=", key.ldb, " ldc=", key.ldc, ")");
+  plan->algo = result.algo;
+  return plan;
+}
+
+// Plans are built once per key and never freed, so a returned pointer stays valid.
+const Plan& plan_for(cublasLtHandle_t handle, const PlanKey& key) {
+  static std::mutex mutex;
+  static std::map<PlanKey, std::unique_ptr<Plan>> plans;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, build_plan(handle, key)).first;
+  return *it->second;
+}
+
+// C = beta * C for k = 0 (no products); beta = 0 writes zeros without reading C.
+template <typename T>
+__global__ void scale_rows_kernel(T* c, int64_t rows, int64_t cols, int64_t ldc, float beta) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    T* p = c + (i / cols) * ldc + i % cols;
+    *p = beta == 0.0f ? store_float<T>(0.0f) : store_float<T>(beta * load_float(*p));
+  }
+}
+
+template <>
+__global__ void scale_rows_kernel<double>(double* c, int64_t rows, int64_t cols, int64_t ldc,
+                                          float beta) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    double* p = c + (i / cols) * ldc + i % cols;
+    *p = beta == 0.0f ? 0.0 : double(beta) * *p;
+  }
+}
+
+void scale_rows(const TensorView& c, float beta, cudaStream_t stream) {
+  if (beta == 1.0f) return;
+  const int64_t rows = c.shape[0], cols = c.shape[1];
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(rows * cols, threads), 4096));
+  dispatch_storage(c.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scale_rows_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<T*>(c.data), rows, cols,
+                                                         c.strides[0], beta);
+  });
+  OMNIMOE_CUDA_CHECK_LAUNCH("scale_rows_kernel");
+}
+
+void check_operand(const char* name, const TensorView& t) {
+  OMNIMOE_CHECK(t.ndim == 2, "gemm: ", name, " must be 2-D, got ", t.ndim, " dimensions");
+  OMNIMOE_CHECK(t.strides[1] == 1 || t.shape[1] <= 1, "gemm: ", name,
+                " must have a contiguous last dimension (stride 1), got stride ", t.strides[1]);
+  OMNIMOE_CHECK(t.strides[0] >= t.shape[1] || t.shape[0] <= 1, "gemm: ", name,
+                " row stride must be >= its columns (", t.shape[1], "), got ", t.strides[0]);
+}
+
+}  // namespace
+
+size_t gemm_workspace_bytes() { return kWorkspaceBytes; }
+
+void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
+          const TensorView& c, float alpha, float beta, Buffer workspace, const Exec& exec) {
+  check_operand("A", a);
+  check_operand("B", b);
+  check_operand("C", c);
+  const int64_t m = trans_a ? a.shape[1] : a.shape[0];
+  const int64_t k = trans_a ? a.shape[0] : a.shape[1];
+  const int64_t kb = trans_b ? b.shape[1] : b.shape[0];
+  const int64_t n = trans_b ? b.shape[0] : b.shape[1];
+  OMNIMOE_CHECK(kb == k, "gemm: inner dimensions differ: op(A) is [", m, ", ", k, "], op(B) is [",
+                kb, ", ", n, "]");
+  OMNIMOE_CHECK(c.shape[0] == m && c.shape[1] == n, "gemm: C must have shape [", m, ", ", n,
+                "], got [", c.shape[0], ", ", c.shape[1], "]");
+  OMNIMOE_CHECK(a.dtype == b.dtype, "gemm: A and B must share a dtype, got ",
+                dtype_name(a.dtype), " and ", dtype_name(b.dtype));
+  OMNIMOE_CHECK(c.dtype == a.dtype || (c.dtype == DType::f32 && a.dtype != DType::f64),
+                "gemm: C must have A's dtype (", dtype_name(a.dtype),
+                ") or f32 (not with f64 inputs), got ", dtype_name(c.dtype));
+  const cudaDataType_t ab_type = cuda_type(a.dtype);
+  const cudaDataType_t c_type = cuda_type(c.dtype);
+
+  DeviceGuard guard(exec);
+  const cudaStream_t stream = stream_of(exec);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // no products: C = beta * C
+    scale_rows(c, beta, stream);
+    return;
+  }
+
+  // The caller's workspace, aligned up to 256 bytes for cuBLASLt.
+  const uintptr_t raw = reinterpret_cast<uintptr_t>(workspace.data);
+  const uintptr_t aligned = (raw + kMaxAlignment - 1) / kMaxAlignment * kMaxAlignment;
+  const size_t lost = workspace.data ? aligned - raw : 0;
+  // Capped so that callers with different slack share one plan.
+  const size_t ws_bytes = std::min(workspace.bytes > lost ? workspace.bytes - lost : 0,
+                                   kWorkspaceBytes);
+  void* ws_ptr = ws_bytes > 0 ? reinterpret_cast<void*>(aligned) : nullptr;
+
+  PlanKey key{};
+  key.device = exec.device.index;
+  key.a_type = ab_type;
+  key.c_type = c_type;
+  key.trans_a = trans_a;
+  key.trans_b = trans_b;
+  key.m = m;
+  key.n = n;
+  key.k = k;
+  // A leading dimension must cover the stored rows even for a single-row view.
+  key.lda = std::max(a.strides[0], a.shape[1]);
+  key.ldb = std::max(b.strides[0], b.shape[1]);
+  key.ldc = std::max(c.strides[0], c.shape[1]);
+  key.align_a = alignment_of(a.data);
+  key.align_b = alignment_of(b.data);
+  key.align_c = alignment_of(c.data);
+  key.workspace = ws_bytes;
+
+  const cublasLtHandle_t handle = handle_for(exec.device.index);
+  const Plan& plan = plan_for(handle, key);
+  const double alpha64 = alpha, beta64 = beta;
+  const void* alpha_ptr = plan.f64 ? static_cast<const void*>(&alpha64) : &alpha;
+  const void* beta_ptr = plan.f64 ? static_cast<const void*>(&beta64) : &beta;
+  OMNIMOE_CUBLASLT_CHECK(cublasLtMatmul(handle, plan.op, alpha_ptr, b.data, plan.first, a.data,
+                                        plan.second, beta_ptr, c.data, plan.out, c.data, plan.out,
+                                        &plan.algo, ws_ptr, ws_bytes, stream));
+}
+
+}  // namespace omnimoe::cuda

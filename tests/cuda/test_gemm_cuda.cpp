@@ -1,0 +1,202 @@
+// cuda::gemm (cuBLASLt) against a double-precision product of the same stored inputs.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cuda/gemm.h"
+#include "cuda_test_support.h"
+
+namespace omnimoe::test {
+namespace {
+
+struct GemmCase {
+  DType ab;
+  DType c;
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+  int64_t padding;  // extra elements per row of A, B and C
+  bool shifted;     // views start one element into their rows: pointers only dtype-aligned
+  float alpha, beta;
+};
+
+std::string case_name(const GemmCase& g) {
+  std::string s = std::string(dtype_name(g.ab));
+  if (g.c != g.ab) s += std::string("_C") + dtype_name(g.c);
+  s += std::string("_") + (g.trans_a ? "T" : "N") + (g.trans_b ? "T" : "N");
+  s += "_m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k);
+  if (g.padding) s += "_pad" + std::to_string(g.padding);
+  if (g.shifted) s += "_shifted";
+  s += g.beta == 0.0f ? "_beta0" : "_beta1";
+  if (g.alpha != 1.0f) s += "_alpha";
+  return s;
+}
+
+// A view of `d`, optionally starting one element into each row (cols - 1 columns then).
+TensorView shifted_view(const DeviceTensor& d, bool shifted) {
+  TensorView v = d.view();
+  if (shifted) {
+    v.data = static_cast<char*>(v.data) + dtype_size(v.dtype);
+    v.shape[1] -= 1;
+  }
+  return v;
+}
+
+// Logical element (r, c) of the (possibly shifted) view of `h`.
+double host_at(const HostTensor& h, bool shifted, int64_t r, int64_t c) {
+  return h.at(r, c + (shifted ? 1 : 0));
+}
+
+class GemmCuda : public ::testing::TestWithParam<GemmCase> {};
+
+TEST_P(GemmCuda, MatchesDoubleProduct) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const GemmCase g = GetParam();
+  const int64_t sh = g.shifted ? 1 : 0;
+  const int64_t a_rows = g.trans_a ? g.k : g.m, a_cols = g.trans_a ? g.m : g.k;
+  const int64_t b_rows = g.trans_b ? g.n : g.k, b_cols = g.trans_b ? g.k : g.n;
+  HostTensor a = make_random(g.ab, {a_rows, a_cols + sh}, 11, g.padding);
+  HostTensor b = make_random(g.ab, {b_rows, b_cols + sh}, 12, g.padding);
+  HostTensor c(g.c, {g.m, g.n + sh}, g.padding);
+  if (g.beta == 0.0f) {
+    c.poison();  // beta = 0 must not read C
+  } else {
+    c.fill_uniform(13);
+  }
+  DeviceTensor da = upload(a), db = upload(b), dc = upload(c);
+
+  DeviceBuffer ws(cuda::gemm_workspace_bytes());
+  CudaStream stream;
+  cuda::gemm(shifted_view(da, g.shifted), g.trans_a, shifted_view(db, g.shifted), g.trans_b,
+             shifted_view(dc, g.shifted), g.alpha, g.beta, ws.buffer(), cuda_exec(stream.get()));
+  stream.synchronize();
+  const HostTensor got = download(dc);
+
+  std::vector<double> got_v, want_v;
+  for (int64_t i = 0; i < g.m; ++i) {
+    for (int64_t j = 0; j < g.n; ++j) {
+      double s = 0.0;
+      for (int64_t p = 0; p < g.k; ++p) {
+        const double av = g.trans_a ? host_at(a, g.shifted, p, i) : host_at(a, g.shifted, i, p);
+        const double bv = g.trans_b ? host_at(b, g.shifted, j, p) : host_at(b, g.shifted, p, j);
+        s += av * bv;
+      }
+      double want = g.alpha * s;
+      if (g.beta != 0.0f) want += g.beta * host_at(c, g.shifted, i, j);
+      want_v.push_back(want);
+      got_v.push_back(host_at(got, g.shifted, i, j));
+    }
+  }
+  const Comparison cmp = compare(got_v, want_v, tolerance_for(g.c, g.k));
+  EXPECT_LE(cmp.worst_ratio, 1.0) << cmp.describe();
+
+  // The skipped first column of a shifted view and the row padding stay as they were.
+  if (g.shifted) {
+    for (int64_t i = 0; i < g.m; ++i) {
+      const double before = c.at(i, 0), after = got.at(i, 0);
+      EXPECT_TRUE((std::isnan(before) && std::isnan(after)) || before == after)
+          << "column 0 of row " << i << " was written";
+    }
+  }
+}
+
+std::vector<GemmCase> gemm_cases() {
+  std::vector<GemmCase> cases;
+  for (DType ab : {DType::f32, DType::f64, DType::bf16, DType::f16}) {
+    for (int t = 0; t < 4; ++t) {
+      for (float beta : {0.0f, 1.0f}) {
+        cases.push_back({ab, ab, (t & 1) != 0, (t & 2) != 0, 37, 53, 129, 0, false, 1.0f, beta});
+      }
+      // Strided rows, and pointers only aligned to the element size.
+      cases.push_back({ab, ab, (t & 1) != 0, (t & 2) != 0, 41, 23, 67, 3, false, 1.0f, 0.0f});
+      cases.push_back({ab, ab, (t & 1) != 0, (t & 2) != 0, 19, 33, 45, 1, true, 1.0f, 1.0f});
+    }
+    cases.push_back({ab, ab, false, true, 1, 1, 1, 0, false, 1.0f, 0.0f});
+    cases.push_back({ab, ab, false, false, 257, 129, 300, 0, false, -0.5f, 1.0f});
+  }
+  // fp32 output from 16-bit inputs.
+  for (DType ab : {DType::bf16, DType::f16}) {
+    cases.push_back({ab, DType::f32, false, true, 37, 53, 129, 0, false, 1.0f, 0.0f});
+    cases.push_back({ab, DType::f32, true, false, 37, 53, 129, 2, false, 1.0f, 1.0f});
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, GemmCuda, ::testing::ValuesIn(gemm_cases()),
+                         [](const ::testing::TestParamInfo<GemmCase>& info) {
+                           return case_name(info.param);
+                         });
+
+// k = 0: no products. beta = 0 writes zeros (a weight gradient over zero tokens), beta = 1 keeps C.
+TEST(GemmCudaEmpty, bf16_k0_beta0_writes_zeros_beta1_keeps_C) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  HostTensor a(DType::bf16, {0, 7}), b(DType::bf16, {0, 5});
+  HostTensor c(DType::bf16, {7, 5}, 2);
+  c.poison();
+  DeviceTensor da = upload(a), db = upload(b), dc = upload(c);
+  DeviceBuffer ws(cuda::gemm_workspace_bytes());
+  CudaStream stream;
+  cuda::gemm(da.view(), true, db.view(), false, dc.view(), 1.0f, 0.0f, ws.buffer(),
+             cuda_exec(stream.get()));
+  stream.synchronize();
+  HostTensor zeros = download(dc);
+  for (double v : zeros.to_vector()) ASSERT_EQ(v, 0.0);
+
+  HostTensor c1 = make_random(DType::bf16, {7, 5}, 3, 2);
+  dc.copy_from(c1);
+  cuda::gemm(da.view(), true, db.view(), false, dc.view(), 1.0f, 1.0f, ws.buffer(),
+             cuda_exec(stream.get()));
+  stream.synchronize();
+  EXPECT_EQ(download(dc).to_vector(), c1.to_vector());
+}
+
+TEST(GemmCudaErrors, mismatched_inner_dimension_and_dtype_throw) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  HostTensor a(DType::f32, {4, 5}), b(DType::f32, {6, 3}), c(DType::f32, {4, 3});
+  HostTensor b16(DType::bf16, {5, 3});
+  DeviceTensor da = upload(a), db = upload(b), dc = upload(c), db16 = upload(b16);
+  const Exec exec = cuda_exec(nullptr);
+  EXPECT_THROW(cuda::gemm(da.view(), false, db.view(), false, dc.view(), 1, 0, {}, exec), Error);
+  EXPECT_THROW(cuda::gemm(da.view(), false, db16.view(), false, dc.view(), 1, 0, {}, exec),
+               Error);
+}
+
+// The call records into a CUDA graph (no host synchronisation, no allocation) and replays.
+TEST(GemmCudaGraph, bf16_NT_m64_n96_k128_captured_and_replayed) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  HostTensor a = make_random(DType::bf16, {64, 128}, 1), b = make_random(DType::bf16, {96, 128}, 2);
+  HostTensor c(DType::bf16, {64, 96});
+  c.poison();
+  DeviceTensor da = upload(a), db = upload(b), dc = upload(c);
+  DeviceBuffer ws(cuda::gemm_workspace_bytes());
+  CudaStream stream;
+  // Warm the plan cache outside the capture, as a real caller would on its first step.
+  cuda::gemm(da.view(), false, db.view(), true, dc.view(), 1, 0, ws.buffer(),
+             cuda_exec(stream.get()));
+  stream.synchronize();
+  dc.poison();
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t instance = nullptr;
+  OMNIMOE_TEST_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
+  cuda::gemm(da.view(), false, db.view(), true, dc.view(), 1, 0, ws.buffer(),
+             cuda_exec(stream.get()));
+  OMNIMOE_TEST_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+  OMNIMOE_TEST_CUDA_CHECK(cudaGraphInstantiate(&instance, graph, 0));
+  OMNIMOE_TEST_CUDA_CHECK(cudaGraphLaunch(instance, stream.get()));
+  stream.synchronize();
+  cudaGraphExecDestroy(instance);
+  cudaGraphDestroy(graph);
+  const HostTensor got = download(dc);
+  std::vector<double> want;
+  for (int64_t i = 0; i < 64; ++i) {
+    for (int64_t j = 0; j < 96; ++j) {
+      double s = 0;
+      for (int64_t p = 0; p < 128; ++p) s += a.at(i, p) * b.at(j, p);
+      want.push_back(s);
+    }
+  }
+  const Comparison cmp = compare(got.to_vector(), want, tolerance_for(DType::bf16, 128));
+  EXPECT_LE(cmp.worst_ratio, 1.0) << cmp.describe();
+}
+
+}  // namespace
+}  // namespace omnimoe::test
