@@ -39,7 +39,13 @@ inline cudaStream_t stream_of(const Exec& exec) { return static_cast<cudaStream_
 class DeviceGuard {
  public:
   explicit DeviceGuard(const Exec& exec) {
-    OMNIMOE_CUDA_CHECK(cudaGetDevice(&previous_));
+    const cudaError_t err = cudaGetDevice(&previous_);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      OMNIMOE_FAIL("exec.device is ", device_name(exec.device), " but no CUDA device is usable (",
+                   cudaGetErrorName(err), ": ", cudaGetErrorString(err),
+                   "); run on Device::cpu() or on a machine with a GPU");
+    }
     if (previous_ != exec.device.index) OMNIMOE_CUDA_CHECK(cudaSetDevice(exec.device.index));
   }
   ~DeviceGuard() { cudaSetDevice(previous_); }

@@ -7,9 +7,12 @@ namespace omnimoe::test::reference {
 
 double activate(Activation act, double z) {
   switch (act) {
-    case Activation::silu: return z / (1.0 + std::exp(-z));
-    case Activation::gelu: return 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0)));
-    case Activation::relu: return z > 0.0 ? z : 0.0;
+    case Activation::silu:
+      return z / (1.0 + std::exp(-z));
+    case Activation::gelu:
+      return 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0)));
+    case Activation::relu:
+      return z > 0.0 ? z : 0.0;
   }
   return z;
 }
