@@ -111,17 +111,6 @@ std::vector<double> HostTensor::to_vector() const {
   return out;
 }
 
-Tolerance tolerance_for(DType dtype, int64_t terms) {
-  const double growth = std::sqrt(static_cast<double>(std::max<int64_t>(terms, 1)));
-  switch (dtype) {
-    case DType::f64: return {1e-10 * growth, 1e-12 * growth};
-    case DType::f32: return {2e-5 * growth, 1e-6 * growth};
-    case DType::bf16: return {1.6e-2, 1e-2 * growth};
-    case DType::f16: return {2e-3, 1e-3 * growth};
-    default: return {0.0, 0.0};
-  }
-}
-
 std::string Comparison::describe() const {
   std::ostringstream os;
   os << "worst ratio " << worst_ratio << " (1 = at tolerance) at index " << worst_index

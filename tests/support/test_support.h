@@ -3,6 +3,8 @@
 
 #include <omnimoe/omnimoe.h>
 
+#include "core/tolerance.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <random>
@@ -50,13 +52,9 @@ class HostTensor {
   std::vector<uint8_t> storage_;
 };
 
-// Tolerance policy (docs/testing.md): |got - want| <= atol + rtol * |want|, where rtol and atol
-// come from the storage dtype and grow with sqrt(terms), the number of products summed.
-struct Tolerance {
-  double rtol;
-  double atol;
-};
-Tolerance tolerance_for(DType dtype, int64_t terms);
+// The tolerance policy lives in src/core/tolerance.h (shared with `omnimoe check`).
+using omnimoe::Tolerance;
+using omnimoe::tolerance_for;
 
 // Largest violation of the tolerance (<= 1 passes) and a description of where.
 struct Comparison {

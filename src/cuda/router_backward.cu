@@ -1,0 +1,386 @@
+// Router backward on the device.
+//  1. Per token (one CTA): dS from dgates; dS scattered onto the row and column log-probs in
+//     shared memory as 64-bit fixed point (integer atomics: the sum is exact and independent of
+//     the order, so the result is deterministic); log_softmax backward per axis.
+//  2. Batch-norm backward: per-logit sums over the tokens in a fixed order (training), or the
+//     scale by rstd (evaluation); written as dL = [dL_r | dL_c] in the GEMM's compute type.
+//  3. grads.row = dL_r^T x, grads.col = dL_c^T x, dx (+)= dL [W_r; W_c] in one GEMM.
+// Compute type of the GEMMs: x's dtype for bf16, f32 and f64 (bf16 keeps f32's exponent range, so
+// dL loses only mantissa bits: about 2^-9 relative per term, well inside the bf16 tolerance);
+// f32 for f16 (dL would underflow in f16), with x and W converted and the results converted back.
+#include <algorithm>
+#include <cmath>
+
+#include "backend/backend.h"
+#include "cuda/cuda_common.cuh"
+#include "cuda/gemm.h"
+#include "cuda/router_common.cuh"
+#include "cuda/router_norm.cuh"
+
+namespace omnimoe::cuda {
+namespace {
+using namespace router_detail;
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+constexpr size_t kSharedAccBudget = 64 * 1024;  // accumulators of one token in shared memory
+constexpr int kGlobalCtas = 128;
+constexpr int kDlogitsThreads = 256;
+
+DType compute_dtype(DType x) { return x == DType::f16 ? DType::f32 : x; }
+
+bool acc_in_shared(const LayerConfig& cfg) {
+  return static_cast<size_t>(cfg.grid_rows + cfg.grid_cols) * 8 <= kSharedAccBudget;
+}
+
+struct BackwardLayout {
+  size_t gemm = 0, acc = 0, dz_r = 0, dz_c = 0, partials = 0, sum_dy = 0, sum_dyy = 0, dl = 0,
+         w = 0, x = 0, tmp = 0, total = 0;
+};
+
+BackwardLayout backward_layout(const LayerConfig& cfg, int64_t tokens, DType dtype) {
+  BackwardLayout L;
+  size_t o = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = o;
+    o += align_up(bytes);
+    return at;
+  };
+  const int64_t columns = cfg.grid_rows + cfg.grid_cols;
+  const DType ct = compute_dtype(dtype);
+  const size_t ct_size = dtype_size(ct);
+  const size_t T = static_cast<size_t>(tokens), d = static_cast<size_t>(cfg.hidden);
+  L.gemm = take(gemm_workspace_bytes());
+  if (!acc_in_shared(cfg)) {
+    L.acc = take(static_cast<size_t>(std::min<int64_t>(tokens, kGlobalCtas)) * columns * 8);
+  }
+  L.dz_r = take(T * cfg.grid_rows * sizeof(float));
+  L.dz_c = take(T * cfg.grid_cols * sizeof(float));
+  L.partials = take(column_partials_bytes(tokens, columns));
+  L.sum_dy = take(columns * sizeof(float));
+  L.sum_dyy = take(columns * sizeof(float));
+  L.dl = take(T * columns * ct_size);
+  L.w = take(static_cast<size_t>(columns) * d * ct_size);
+  if (ct != dtype) {
+    L.x = take(T * d * ct_size);
+    L.tmp = take(std::max<size_t>(T, std::max(cfg.grid_rows, cfg.grid_cols)) * d * ct_size);
+  }
+  L.total = o;
+  return L;
+}
+
+int ceil_log2(int64_t v) {
+  int b = 0;
+  while ((int64_t{1} << b) < v) ++b;
+  return b;
+}
+
+// 2^e as a double, for e in [-1022, 1023].
+__device__ __forceinline__ double pow2(int e) { return __hiloint2double((1023 + e) << 20, 0); }
+
+// dS of position k of token t.
+__device__ __forceinline__ float gate_grad(const float* g, const float* dg, int k, float sgd,
+                                           bool joint) {
+  return joint ? g[k] * dg[k] : g[k] * (dg[k] - sgd);
+}
+
+// Gradient of the loss with respect to the normalised logits z (the input of log_softmax).
+template <bool kShared>
+__global__ void __launch_bounds__(kDlogitsThreads)
+    dlogits_kernel(int64_t tokens, int nr, int nc, int k, int k_bits, bool joint,
+                   const int32_t* __restrict__ indices, const float* __restrict__ gates,
+                   const float* __restrict__ dgates, const float* __restrict__ z_r,
+                   const float* __restrict__ z_c, float* __restrict__ dz_r,
+                   float* __restrict__ dz_c, char* __restrict__ global_acc) {
+  extern __shared__ __align__(16) char smem[];
+  __shared__ float fscratch[kMaxWarps];
+  __shared__ int iscratch[kMaxWarps];
+  const int columns = nr + nc;
+  unsigned long long* acc = reinterpret_cast<unsigned long long*>(
+      kShared ? smem : global_acc + static_cast<size_t>(blockIdx.x) * columns * 8);
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const uint32_t n_experts = static_cast<uint32_t>(nr) * static_cast<uint32_t>(nc);
+
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const float* g = gates + t * k;
+    const float* dg = dgates + t * k;
+    const int32_t* idx = indices + t * k;
+    float sgd = 0.0f;
+    if (!joint) {
+      float s = 0.0f;
+      for (int i = tid; i < k; i += nthreads) s += g[i] * dg[i];
+      sgd = block_sum(s, fscratch);
+    }
+    float m = 0.0f;
+    int bad = 0;
+    for (int i = tid; i < k; i += nthreads) {
+      const float v = gate_grad(g, dg, i, sgd, joint);
+      if (isfinite(v)) m = fmaxf(m, fabsf(v));
+      else bad = 1;
+    }
+    m = block_max(m, fscratch);
+    const bool exact = block_sum(bad, iscratch) == 0;
+    // Fixed point with |sum| < 2^62: each accumulator gets at most k terms below 2^ex
+    // (ex = frexp exponent of m; a subnormal or zero m is below 2^-126).
+    const int ex = max(static_cast<int>((__float_as_uint(m) >> 23) & 0xffu), 1) - 126;
+    const int scale_exp = 62 - k_bits - ex;  // in [-97, 187]
+    const double scale = pow2(scale_exp), unscale = pow2(-scale_exp);
+    for (int i = tid; i < columns; i += nthreads) acc[i] = 0ull;
+    __syncthreads();
+    for (int i = tid; i < k; i += nthreads) {
+      const uint32_t id = static_cast<uint32_t>(idx[i]);
+      if (id >= n_experts) continue;  // not a valid expert id: contributes nothing
+      const uint32_t r = id / static_cast<uint32_t>(nc);
+      const uint32_t c = id - r * nc;
+      const float v = gate_grad(g, dg, i, sgd, joint);
+      if (exact) {
+        const unsigned long long q =
+            static_cast<unsigned long long>(llrint(static_cast<double>(v) * scale));
+        atomicAdd(acc + r, q);
+        atomicAdd(acc + nr + c, q);
+      } else {  // inf or NaN: the sum is inf or NaN whatever the order
+        atomicAdd(reinterpret_cast<double*>(acc) + r, static_cast<double>(v));
+        atomicAdd(reinterpret_cast<double*>(acc) + nr + c, static_cast<double>(v));
+      }
+    }
+    __syncthreads();
+    // log_softmax backward per axis: dz = dlogp - softmax(z) * sum(dlogp).
+    for (int axis = 0; axis < 2; ++axis) {
+      const int n = axis == 0 ? nr : nc;
+      const float* z = (axis == 0 ? z_r : z_c) + t * n;
+      float* dz = (axis == 0 ? dz_r : dz_c) + t * n;
+      const unsigned long long* a = acc + (axis == 0 ? 0 : nr);
+      auto dlogp = [&](int j) -> float {
+        return exact ? static_cast<float>(static_cast<double>(static_cast<long long>(a[j])) *
+                                          unscale)
+                     : static_cast<float>(__longlong_as_double(static_cast<long long>(a[j])));
+      };
+      float zmax = -INFINITY, sdl = 0.0f;
+      for (int j = tid; j < n; j += nthreads) {
+        zmax = fmaxf(zmax, z[j]);
+        sdl += dlogp(j);
+      }
+      zmax = block_max(zmax, fscratch);
+      sdl = block_sum(sdl, fscratch);
+      const float shift = isfinite(zmax) ? zmax : 0.0f;  // as the forward's log_softmax
+      float se = 0.0f;
+      for (int j = tid; j < n; j += nthreads) se += expf(z[j] - shift);
+      const float lse = shift + logf(block_sum(se, fscratch));
+      for (int j = tid; j < n; j += nthreads) dz[j] = dlogp(j) - expf(z[j] - lse) * sdl;
+    }
+    __syncthreads();  // acc is reused by the next token
+  }
+}
+
+// dL[t, c] in the compute type: batch-norm backward of dz (two dense f32 [T, n] halves).
+template <typename CT>
+__global__ void norm_backward_kernel(int64_t tokens, int nr, int nc, int mode,
+                                     const float* __restrict__ dz_r,
+                                     const float* __restrict__ dz_c, const float* __restrict__ z_r,
+                                     const float* __restrict__ z_c,
+                                     const float* __restrict__ rstd_r,
+                                     const float* __restrict__ rstd_c,
+                                     const float* __restrict__ sum_dy,
+                                     const float* __restrict__ sum_dyy, CT* __restrict__ dl) {
+  const int columns = nr + nc;
+  const int64_t n = tokens * columns;
+  const float inv_t = 1.0f / static_cast<float>(tokens);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / columns;
+    const int c = static_cast<int>(i - t * columns);
+    const bool first = c < nr;
+    const int j = first ? c : c - nr;
+    const int64_t at = t * (first ? nr : nc) + j;
+    const float dy = first ? dz_r[at] : dz_c[at];
+    float v = dy;
+    if (mode == 1) {  // batch norm, evaluation: z = (l - running mean) * rstd
+      v = dy * (first ? rstd_r[j] : rstd_c[j]);
+    } else if (mode == 2) {  // batch norm, training: full backward through the batch statistics
+      const float y = first ? z_r[at] : z_c[at];
+      v = (first ? rstd_r[j] : rstd_c[j]) * (dy - sum_dy[c] * inv_t - y * sum_dyy[c] * inv_t);
+    }
+    dl[i] = store_float<CT>(v);
+  }
+}
+
+// dst[r, :] = src[r, :] converted, for row-strided matrices.
+template <typename Src, typename Dst>
+__global__ void convert_rows_kernel(const Src* __restrict__ src, int64_t src_ld,
+                                    Dst* __restrict__ dst, int64_t dst_ld, int64_t rows,
+                                    int64_t cols) {
+  const int64_t n = rows * cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    dst[r * dst_ld + c] = store_float<Dst>(load_float(src[r * src_ld + c]));
+  }
+}
+
+// dst = f16(src) or f16(dst + src) (src f32 dense).
+template <typename T>
+__global__ void store_result_kernel(const float* __restrict__ src, T* __restrict__ dst,
+                                    int64_t dst_ld, int64_t rows, int64_t cols, bool accumulate) {
+  const int64_t n = rows * cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    float v = src[i];
+    if (accumulate) v += load_float(dst[r * dst_ld + c]);
+    dst[r * dst_ld + c] = store_float<T>(v);
+  }
+}
+
+unsigned grid_for(int64_t n, int threads) {
+  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(ceil_div(n, threads), 1),
+                                                 65535 * 16));
+}
+
+template <typename Src, typename Dst>
+void convert_rows(const void* src, int64_t src_ld, void* dst, int64_t dst_ld, int64_t rows,
+                  int64_t cols, cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  convert_rows_kernel<Src, Dst><<<grid_for(rows * cols, 256), 256, 0, stream>>>(
+      static_cast<const Src*>(src), src_ld, static_cast<Dst*>(dst), dst_ld, rows, cols);
+  OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (convert)");
+}
+
+void zero_matrix(const TensorView& m, cudaStream_t stream) {
+  if (m.shape[0] == 0 || m.shape[1] == 0) return;
+  const size_t es = dtype_size(m.dtype);
+  OMNIMOE_CUDA_CHECK(cudaMemset2DAsync(m.data, static_cast<size_t>(m.strides[0]) * es, 0,
+                                       static_cast<size_t>(m.shape[1]) * es,
+                                       static_cast<size_t>(m.shape[0]), stream));
+}
+
+TensorView view(void* data, DType dtype, int64_t rows, int64_t cols, int64_t ld, Device dev) {
+  return TensorView::matrix(data, dtype, rows, cols, ld, dev);
+}
+
+}  // namespace
+
+size_t router_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype) {
+  return backward_layout(cfg, tokens, dtype).total;
+}
+
+void router_backward(const LayerConfig& cfg, const TensorView& x, const RouterWeights& weights,
+                     bool training, const RouterSaved& saved, const RouterOutputs& out,
+                     const TensorView& dgates, const TensorView& dx, bool accumulate_dx,
+                     const RouterWeights& grads, Buffer workspace, const Exec& exec) {
+  DeviceGuard guard(exec);
+  const cudaStream_t stream = stream_of(exec);
+  const int64_t tokens = x.shape[0];
+  if (tokens == 0) {  // no token: the weight gradients are zero
+    zero_matrix(grads.row, stream);
+    zero_matrix(grads.col, stream);
+    return;
+  }
+  const int nr = static_cast<int>(cfg.grid_rows), nc = static_cast<int>(cfg.grid_cols);
+  const int k = static_cast<int>(cfg.top_k);
+  const int64_t columns = nr + nc, d = cfg.hidden;
+  const DType xt = x.dtype, ct = compute_dtype(xt);
+  const Device dev = exec.device;
+  const BackwardLayout L = backward_layout(cfg, tokens, xt);
+  char* ws = static_cast<char*>(workspace.data);
+  const Buffer gemm_ws{ws + L.gemm, gemm_workspace_bytes()};
+  float* dz_r = reinterpret_cast<float*>(ws + L.dz_r);
+  float* dz_c = reinterpret_cast<float*>(ws + L.dz_c);
+  const float* z_r = static_cast<const float*>(saved.row_logits.data);
+  const float* z_c = static_cast<const float*>(saved.col_logits.data);
+
+  // 1. dz per token.
+  const bool joint = cfg.gating == Gating::joint;
+  const int k_bits = ceil_log2(k);
+  if (acc_in_shared(cfg)) {
+    const size_t smem = static_cast<size_t>(columns) * 8;
+    if (smem > 48 * 1024) {
+      OMNIMOE_CUDA_CHECK(cudaFuncSetAttribute(dlogits_kernel<true>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(smem)));
+    }
+    dlogits_kernel<true><<<static_cast<unsigned>(tokens), kDlogitsThreads, smem, stream>>>(
+        tokens, nr, nc, k, k_bits, joint, static_cast<const int32_t*>(out.indices.data),
+        static_cast<const float*>(out.gates.data), static_cast<const float*>(dgates.data), z_r,
+        z_c, dz_r, dz_c, nullptr);
+  } else {
+    const int grid = static_cast<int>(std::min<int64_t>(tokens, kGlobalCtas));
+    dlogits_kernel<false><<<grid, kDlogitsThreads, 0, stream>>>(
+        tokens, nr, nc, k, k_bits, joint, static_cast<const int32_t*>(out.indices.data),
+        static_cast<const float*>(out.gates.data), static_cast<const float*>(dgates.data), z_r,
+        z_c, dz_r, dz_c, ws + L.acc);
+  }
+  OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (log_softmax backward)");
+
+  // 2. Batch-norm backward into dL [T, N_r + N_c] (compute type).
+  int mode = 0;
+  float* sum_dy = reinterpret_cast<float*>(ws + L.sum_dy);
+  float* sum_dyy = reinterpret_cast<float*>(ws + L.sum_dyy);
+  if (cfg.router_norm == RouterNorm::batch) {
+    mode = training ? 2 : 1;
+    if (training) {
+      launch_norm_grad_sums(ColumnPair{dz_r, nr, dz_c, nc}, ColumnPair{z_r, nr, z_c, nc}, tokens,
+                            sum_dy, sum_dyy, reinterpret_cast<float*>(ws + L.partials), stream);
+    }
+  }
+  const float* rstd_r = static_cast<const float*>(saved.row_rstd.data);
+  const float* rstd_c = static_cast<const float*>(saved.col_rstd.data);
+  void* dl = ws + L.dl;
+  dispatch_storage(ct, [&](auto tag) {
+    using CT = decltype(tag);
+    norm_backward_kernel<CT><<<grid_for(tokens * columns, 256), 256, 0, stream>>>(
+        tokens, nr, nc, mode, dz_r, dz_c, z_r, z_c, rstd_r, rstd_c, sum_dy, sum_dyy,
+        static_cast<CT*>(dl));
+    OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (batch-norm backward)");
+  });
+
+  // 3. [W_r; W_c] (and x, for f16) in the compute type.
+  void* w_cat = ws + L.w;
+  const size_t ct_size = dtype_size(ct);
+  dispatch_storage(xt, [&](auto src_tag) {
+    using Src = decltype(src_tag);
+    dispatch_storage(ct, [&](auto dst_tag) {
+      using Dst = decltype(dst_tag);
+      convert_rows<Src, Dst>(weights.row.data, weights.row.strides[0], w_cat, d, nr, d, stream);
+      convert_rows<Src, Dst>(weights.col.data, weights.col.strides[0],
+                             static_cast<char*>(w_cat) + static_cast<size_t>(nr) * d * ct_size,
+                             d, nc, d, stream);
+      if (ct != xt) {
+        convert_rows<Src, Dst>(x.data, x.strides[0], ws + L.x, d, tokens, d, stream);
+      }
+    });
+  });
+  const TensorView x_ct = ct == xt ? x : view(ws + L.x, ct, tokens, d, d, dev);
+  const TensorView dl_r = view(dl, ct, tokens, nr, columns, dev);
+  const TensorView dl_c =
+      view(static_cast<char*>(dl) + static_cast<size_t>(nr) * ct_size, ct, tokens, nc, columns,
+           dev);
+  const TensorView dl_all = view(dl, ct, tokens, columns, columns, dev);
+  const TensorView w_all = view(w_cat, ct, columns, d, d, dev);
+
+  // 4. The GEMMs.
+  if (ct == xt) {
+    gemm(dl_r, true, x_ct, false, grads.row, 1.0f, 0.0f, gemm_ws, exec);
+    gemm(dl_c, true, x_ct, false, grads.col, 1.0f, 0.0f, gemm_ws, exec);
+    gemm(dl_all, false, w_all, false, dx, 1.0f, accumulate_dx ? 1.0f : 0.0f, gemm_ws, exec);
+    return;
+  }
+  float* tmp = reinterpret_cast<float*>(ws + L.tmp);
+  auto finish = [&](const TensorView& dst, int64_t rows, bool accumulate) {
+    dispatch_storage(xt, [&](auto tag) {
+      using T = decltype(tag);
+      store_result_kernel<T><<<grid_for(rows * d, 256), 256, 0, stream>>>(
+          tmp, static_cast<T*>(dst.data), dst.strides[0], rows, d, accumulate);
+      OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (store)");
+    });
+  };
+  gemm(dl_r, true, x_ct, false, view(tmp, DType::f32, nr, d, d, dev), 1.0f, 0.0f, gemm_ws, exec);
+  finish(grads.row, nr, false);
+  gemm(dl_c, true, x_ct, false, view(tmp, DType::f32, nc, d, d, dev), 1.0f, 0.0f, gemm_ws, exec);
+  finish(grads.col, nc, false);
+  gemm(dl_all, false, w_all, false, view(tmp, DType::f32, tokens, d, d, dev), 1.0f, 0.0f,
+       gemm_ws, exec);
+  finish(dx, tokens, accumulate_dx);
+}
+
+}  // namespace omnimoe::cuda
