@@ -92,4 +92,29 @@ void check_token_count(const char* op, const LayerConfig& cfg, int64_t tokens) {
                 " exceeds the 32-bit pair index range (", kMax32, ")");
 }
 
+void check_query(const char* op, const LayerConfig& cfg, int64_t tokens, const Exec& exec) {
+  cfg.validate();
+  check_exec(op, exec);
+  check_token_count(op, cfg, tokens);
+}
+
+int64_t check_input(const char* op, const LayerConfig& cfg, const TensorView& x,
+                    const Exec& exec) {
+  cfg.validate();
+  check_exec(op, exec);
+  check_matrix(op, "x", x, -1, cfg.hidden, x.dtype, exec.device);
+  check_storage_dtype(op, "x", x.dtype);
+  const int64_t tokens = x.shape[0];
+  check_token_count(op, cfg, tokens);
+  return tokens;
+}
+
+void check_schedule(const char* op, const LayerConfig& cfg, int64_t tokens,
+                    const Schedule& schedule, Device device) {
+  check_vector(op, "schedule.expert_offsets", schedule.expert_offsets, cfg.num_experts() + 1,
+               DType::i32, device);
+  check_vector(op, "schedule.pair_order", schedule.pair_order, tokens * cfg.top_k, DType::i32,
+               device);
+}
+
 }  // namespace omnimoe::detail

@@ -26,5 +26,14 @@ void check_exec(const char* op, const Exec& exec);
 void check_buffer(const char* op, const char* name, Buffer buffer, size_t needed);
 // T * K and T * d must fit the 32-bit pair and row indices the kernels use.
 void check_token_count(const char* op, const LayerConfig& cfg, int64_t tokens);
+// What every query (*_workspace_bytes, experts_execution) checks: cfg, exec, the token count.
+void check_query(const char* op, const LayerConfig& cfg, int64_t tokens, const Exec& exec);
+// What every op taking x [T, d] checks first: cfg, exec, x (any row stride, a storage dtype),
+// the token count. Returns T.
+int64_t check_input(const char* op, const LayerConfig& cfg, const TensorView& x,
+                    const Exec& exec);
+// schedule.expert_offsets [N + 1] and schedule.pair_order [T * K], dense i32.
+void check_schedule(const char* op, const LayerConfig& cfg, int64_t tokens,
+                    const Schedule& schedule, Device device);
 
 }  // namespace omnimoe::detail

@@ -766,9 +766,9 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32, 1)
   if (lane == 0) redo[t] = ok ? 0 : 1;
 }
 
-// Off until its first device run (the session's device time ran out): set to true, then run
-// the RouterCuda* tests and RouterCudaTiming on a GPU.
-constexpr bool kWarpKernelEnabled = false;
+// Warp per token for small K and axes; tokens it cannot finish (ties past its reach) are flagged
+// and redone by the block kernel, so results are identical either way.
+constexpr bool kWarpKernelEnabled = true;
 
 bool use_warp_kernel(const LayerConfig& cfg) {
   return kWarpKernelEnabled && cfg.top_k <= kWarpMaxK && cfg.grid_rows <= kWarpMaxAxis &&

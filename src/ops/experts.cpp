@@ -12,21 +12,13 @@ namespace {
 int64_t check_routing(const char* op, const LayerConfig& cfg, const TensorView& x,
                       const ExpertWeights& w, const TensorView& indices, const TensorView& gates,
                       const Schedule& schedule, const Exec& exec) {
-  cfg.validate();
-  check_exec(op, exec);
+  const int64_t tokens = check_input(op, cfg, x, exec);
   const Device dev = exec.device;
-  check_matrix(op, "x", x, -1, cfg.hidden, x.dtype, dev);
-  check_storage_dtype(op, "x", x.dtype);
-  const int64_t tokens = x.shape[0];
-  check_token_count(op, cfg, tokens);
   check_matrix(op, "weights.up (W)", w.up, cfg.num_experts(), cfg.hidden, x.dtype, dev);
   check_matrix(op, "weights.down (V)", w.down, cfg.num_experts(), cfg.hidden, x.dtype, dev);
   check_dense_matrix(op, "indices", indices, tokens, cfg.top_k, DType::i32, dev);
   check_dense_matrix(op, "gates", gates, tokens, cfg.top_k, DType::f32, dev);
-  check_vector(op, "schedule.expert_offsets", schedule.expert_offsets, cfg.num_experts() + 1,
-               DType::i32, dev);
-  check_vector(op, "schedule.pair_order", schedule.pair_order, tokens * cfg.top_k, DType::i32,
-               dev);
+  check_schedule(op, cfg, tokens, schedule, dev);
   return tokens;
 }
 
@@ -34,17 +26,13 @@ int64_t check_routing(const char* op, const LayerConfig& cfg, const TensorView& 
 
 const char* experts_execution(const LayerConfig& cfg, int64_t tokens, DType dtype,
                               const Exec& exec) {
-  cfg.validate();
-  check_exec("experts_execution", exec);
-  check_token_count("experts_execution", cfg, tokens);
+  check_query("experts_execution", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, experts_execution, cfg, tokens, dtype);
 }
 
 size_t experts_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                        const Exec& exec) {
-  cfg.validate();
-  check_exec("experts_forward_workspace_bytes", exec);
-  check_token_count("experts_forward_workspace_bytes", cfg, tokens);
+  check_query("experts_forward_workspace_bytes", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, experts_forward_workspace_bytes, cfg, tokens, dtype);
 }
 
@@ -65,9 +53,7 @@ void experts_forward(const LayerConfig& cfg, const TensorView& x, const ExpertWe
 
 size_t experts_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                         const Exec& exec) {
-  cfg.validate();
-  check_exec("experts_backward_workspace_bytes", exec);
-  check_token_count("experts_backward_workspace_bytes", cfg, tokens);
+  check_query("experts_backward_workspace_bytes", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, experts_backward_workspace_bytes, cfg, tokens, dtype);
 }
 

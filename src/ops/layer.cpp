@@ -3,6 +3,8 @@
 
 #include <algorithm>
 
+#include "backend/backend.h"
+#include "backend/branch.h"
 #include "core/check.h"
 #include "core/validate.h"
 
@@ -58,6 +60,40 @@ LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLay
   return s;
 }
 
+// On CUDA the shared MLP and the expert branch (router -> schedule -> experts) run concurrently,
+// on two streams: both are memory-bound and the expert branch is a chain of small kernels, so
+// overlapping them hides most of the shorter one. Each branch then needs its own workspace region
+// and one of them a private [T, d] output, added in at the join. The CPU runs them in order,
+// writing y and dx directly.
+bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
+  return exec.device.type == DeviceType::cuda && cfg.intermediate > 0;
+}
+
+// Bytes of a [T, d] temporary in the storage dtype.
+size_t hidden_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype) {
+  return align_up(static_cast<size_t>(tokens * cfg.hidden) * dtype_size(dtype));
+}
+
+// Splits `b` at `bytes` (a multiple of kAlign): returns the front, leaves the rest in `b`.
+Buffer take_front(Buffer& b, size_t bytes) {
+  const Buffer front{b.data, bytes};
+  b = {static_cast<char*>(b.data) + bytes, b.bytes - bytes};
+  return front;
+}
+
+size_t expert_branch_forward_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                   const Exec& exec) {
+  return std::max({router_forward_workspace_bytes(cfg, tokens, dtype, exec),
+                   schedule_workspace_bytes(cfg, tokens, exec),
+                   experts_forward_workspace_bytes(cfg, tokens, dtype, exec)});
+}
+
+size_t expert_branch_backward_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                    const Exec& exec) {
+  return std::max(router_backward_workspace_bytes(cfg, tokens, dtype, exec),
+                  experts_backward_workspace_bytes(cfg, tokens, dtype, exec));
+}
+
 void check_layer_args(const char* op, const LayerConfig& cfg, const TensorView& x, Exec exec) {
   cfg.validate();
   check_exec(op, exec);
@@ -90,14 +126,17 @@ LayerSaved layer_saved_views(const LayerConfig& cfg, int64_t tokens, DType dtype
 
 size_t layer_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                      const Exec& exec) {
-  // The ops run one after another on one stream, so they share one workspace.
-  size_t bytes = std::max({router_forward_workspace_bytes(cfg, tokens, dtype, exec),
-                           schedule_workspace_bytes(cfg, tokens, exec),
-                           experts_forward_workspace_bytes(cfg, tokens, dtype, exec)});
-  if (cfg.intermediate > 0) {
-    bytes = std::max(bytes, mlp_forward_workspace_bytes(cfg, tokens, dtype, exec));
+  const size_t experts = expert_branch_forward_bytes(cfg, tokens, dtype, exec);
+  if (branches_concurrent(cfg, exec)) {
+    // [experts' y | MLP region | expert branch region]
+    return hidden_bytes(cfg, tokens, dtype) +
+           align_up(mlp_forward_workspace_bytes(cfg, tokens, dtype, exec)) + experts;
   }
-  return bytes;
+  // The ops run one after another on one stream, so they share one workspace.
+  if (cfg.intermediate > 0) {
+    return std::max(experts, mlp_forward_workspace_bytes(cfg, tokens, dtype, exec));
+  }
+  return experts;
 }
 
 void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
@@ -111,6 +150,24 @@ void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeigh
                layer_forward_workspace_bytes(cfg, tokens, x.dtype, exec));
   const LayerSaved s = layer_saved_views(cfg, tokens, x.dtype, saved, exec.device);
 
+  if (branches_concurrent(cfg, exec)) {
+    Buffer rest = workspace;
+    const Buffer y_experts_buf = take_front(rest, hidden_bytes(cfg, tokens, x.dtype));
+    const Buffer mlp_ws =
+        take_front(rest, align_up(mlp_forward_workspace_bytes(cfg, tokens, x.dtype, exec)));
+    const TensorView y_experts = TensorView::contiguous(y_experts_buf.data, x.dtype,
+                                                        {tokens, cfg.hidden}, exec.device);
+    BranchFork fork(exec);
+    mlp_forward(cfg, x, weights.mlp, y, /*accumulate=*/false, s.mlp, mlp_ws, fork.side());
+    router_forward(cfg, x, weights.router, norm, training, s.routing, s.router, rest, exec);
+    schedule_build(cfg, s.routing.indices, s.schedule, rest, exec);
+    experts_forward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, s.schedule,
+                    y_experts, /*accumulate=*/false, s.expert_preact, rest, exec);
+    fork.join();
+    if (tokens > 0) OMNIMOE_DISPATCH(exec, tensor_add, y, y_experts, exec);
+    return;
+  }
+
   const bool has_mlp = cfg.intermediate > 0;
   if (has_mlp) mlp_forward(cfg, x, weights.mlp, y, /*accumulate=*/false, s.mlp, workspace, exec);
   router_forward(cfg, x, weights.router, norm, training, s.routing, s.router, workspace, exec);
@@ -121,13 +178,19 @@ void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeigh
 
 size_t layer_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                       const Exec& exec) {
-  size_t ops = std::max(router_backward_workspace_bytes(cfg, tokens, dtype, exec),
-                        experts_backward_workspace_bytes(cfg, tokens, dtype, exec));
+  const size_t experts = expert_branch_backward_bytes(cfg, tokens, dtype, exec);
+  // dgates (f32 [T, K]) passes from the experts' backward to the router's.
+  const size_t dgates = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
+  if (branches_concurrent(cfg, exec)) {
+    // [dgates | MLP's dx | MLP region | expert branch region]
+    return dgates + hidden_bytes(cfg, tokens, dtype) +
+           align_up(mlp_backward_workspace_bytes(cfg, tokens, dtype, exec)) + experts;
+  }
+  size_t ops = experts;
   if (cfg.intermediate > 0) {
     ops = std::max(ops, mlp_backward_workspace_bytes(cfg, tokens, dtype, exec));
   }
-  // dgates (f32 [T, K]) passes from the experts' backward to the router's.
-  return align_up(static_cast<size_t>(tokens * cfg.top_k) * 4) + ops;
+  return dgates + ops;
 }
 
 void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
@@ -145,6 +208,26 @@ void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeig
       TensorView::contiguous(workspace.data, DType::f32, {tokens, cfg.top_k}, exec.device);
   const Buffer op_workspace{static_cast<char*>(workspace.data) + dgates_bytes,
                             workspace.bytes - dgates_bytes};
+
+  if (branches_concurrent(cfg, exec)) {
+    Buffer rest = op_workspace;
+    const Buffer dx_mlp_buf = take_front(rest, hidden_bytes(cfg, tokens, x.dtype));
+    const Buffer mlp_ws =
+        take_front(rest, align_up(mlp_backward_workspace_bytes(cfg, tokens, x.dtype, exec)));
+    const TensorView dx_mlp =
+        TensorView::contiguous(dx_mlp_buf.data, x.dtype, {tokens, cfg.hidden}, exec.device);
+    BranchFork fork(exec);
+    mlp_backward(cfg, x, weights.mlp, s.mlp, dy, dx_mlp, /*accumulate_dx=*/false, grads.mlp,
+                 mlp_ws, fork.side());
+    experts_backward(cfg, x, weights.experts, s.routing.indices, s.routing.gates,
+                     s.expert_preact, s.schedule, dy, dx, /*accumulate_dx=*/false, grads.experts,
+                     dgates, rest, exec);
+    router_backward(cfg, x, weights.router, training, s.router, s.routing, dgates, dx,
+                    /*accumulate_dx=*/true, grads.router, rest, exec);
+    fork.join();
+    if (tokens > 0) OMNIMOE_DISPATCH(exec, tensor_add, dx, dx_mlp, exec);
+    return;
+  }
 
   const bool has_mlp = cfg.intermediate > 0;
   if (has_mlp) {

@@ -36,9 +36,7 @@ void check_saved(const char* op, const LayerConfig& cfg, int64_t tokens, const M
 
 size_t mlp_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                    const Exec& exec) {
-  cfg.validate();
-  check_exec("mlp_forward_workspace_bytes", exec);
-  check_token_count("mlp_forward_workspace_bytes", cfg, tokens);
+  check_query("mlp_forward_workspace_bytes", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, mlp_forward_workspace_bytes, cfg, tokens, dtype);
 }
 
@@ -58,9 +56,7 @@ void mlp_forward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& 
 
 size_t mlp_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                     const Exec& exec) {
-  cfg.validate();
-  check_exec("mlp_backward_workspace_bytes", exec);
-  check_token_count("mlp_backward_workspace_bytes", cfg, tokens);
+  check_query("mlp_backward_workspace_bytes", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, mlp_backward_workspace_bytes, cfg, tokens, dtype);
 }
 

@@ -38,9 +38,7 @@ void check_saved(const char* op, const LayerConfig& cfg, int64_t tokens, const R
 
 size_t router_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                       const Exec& exec) {
-  cfg.validate();
-  check_exec("router_forward_workspace_bytes", exec);
-  check_token_count("router_forward_workspace_bytes", cfg, tokens);
+  check_query("router_forward_workspace_bytes", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, router_forward_workspace_bytes, cfg, tokens, dtype);
 }
 
@@ -48,13 +46,8 @@ void router_forward(const LayerConfig& cfg, const TensorView& x, const RouterWei
                     const RouterNormState& norm, bool training, const RouterOutputs& out,
                     const RouterSaved& saved, Buffer workspace, const Exec& exec) {
   const char* op = "router_forward";
-  cfg.validate();
-  check_exec(op, exec);
+  const int64_t tokens = check_input(op, cfg, x, exec);
   const Device dev = exec.device;
-  check_matrix(op, "x", x, -1, cfg.hidden, x.dtype, dev);
-  check_storage_dtype(op, "x", x.dtype);
-  const int64_t tokens = x.shape[0];
-  check_token_count(op, cfg, tokens);
   check_weights(op, "weights.row (W_r)", "weights.col (W_c)", cfg, weights, x.dtype, dev);
   if (cfg.router_norm == RouterNorm::batch) {
     check_vector(op, "norm.row_mean", norm.row_mean, cfg.grid_rows, DType::f32, dev);
@@ -74,9 +67,7 @@ void router_forward(const LayerConfig& cfg, const TensorView& x, const RouterWei
 }
 
 size_t router_select_workspace_bytes(const LayerConfig& cfg, int64_t tokens, const Exec& exec) {
-  cfg.validate();
-  check_exec("router_select_workspace_bytes", exec);
-  check_token_count("router_select_workspace_bytes", cfg, tokens);
+  check_query("router_select_workspace_bytes", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, router_select_workspace_bytes, cfg, tokens);
 }
 
@@ -102,9 +93,7 @@ void router_select_topk(const LayerConfig& cfg, const TensorView& row_logp,
 
 size_t router_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                        const Exec& exec) {
-  cfg.validate();
-  check_exec("router_backward_workspace_bytes", exec);
-  check_token_count("router_backward_workspace_bytes", cfg, tokens);
+  check_query("router_backward_workspace_bytes", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, router_backward_workspace_bytes, cfg, tokens, dtype);
 }
 
@@ -113,13 +102,8 @@ void router_backward(const LayerConfig& cfg, const TensorView& x, const RouterWe
                      const TensorView& dgates, const TensorView& dx, bool accumulate_dx,
                      const RouterWeights& grads, Buffer workspace, const Exec& exec) {
   const char* op = "router_backward";
-  cfg.validate();
-  check_exec(op, exec);
+  const int64_t tokens = check_input(op, cfg, x, exec);
   const Device dev = exec.device;
-  check_matrix(op, "x", x, -1, cfg.hidden, x.dtype, dev);
-  check_storage_dtype(op, "x", x.dtype);
-  const int64_t tokens = x.shape[0];
-  check_token_count(op, cfg, tokens);
   check_weights(op, "weights.row (W_r)", "weights.col (W_c)", cfg, weights, x.dtype, dev);
   check_saved(op, cfg, tokens, saved, dev);
   check_outputs(op, cfg, tokens, out, dev);

@@ -7,9 +7,7 @@ namespace omnimoe {
 using namespace detail;
 
 size_t schedule_workspace_bytes(const LayerConfig& cfg, int64_t tokens, const Exec& exec) {
-  cfg.validate();
-  check_exec("schedule_workspace_bytes", exec);
-  check_token_count("schedule_workspace_bytes", cfg, tokens);
+  check_query("schedule_workspace_bytes", cfg, tokens, exec);
   return OMNIMOE_DISPATCH(exec, schedule_workspace_bytes, cfg, tokens);
 }
 
@@ -22,10 +20,7 @@ void schedule_build(const LayerConfig& cfg, const TensorView& indices, const Sch
   check_dense_matrix(op, "indices", indices, -1, cfg.top_k, DType::i32, dev);
   const int64_t tokens = indices.shape[0];
   check_token_count(op, cfg, tokens);
-  check_vector(op, "schedule.expert_offsets", schedule.expert_offsets, cfg.num_experts() + 1,
-               DType::i32, dev);
-  check_vector(op, "schedule.pair_order", schedule.pair_order, tokens * cfg.top_k, DType::i32,
-               dev);
+  check_schedule(op, cfg, tokens, schedule, dev);
   check_buffer(op, "workspace", workspace,
                OMNIMOE_DISPATCH(exec, schedule_workspace_bytes, cfg, tokens));
   OMNIMOE_DISPATCH(exec, schedule_build, cfg, indices, schedule, workspace, exec);

@@ -18,12 +18,6 @@
 
 namespace omnimoe::test {
 
-inline Exec cpu_exec(int threads = 0) {
-  Exec e;
-  e.num_threads = threads;
-  return e;
-}
-
 // Raw bytes for the saved state and workspaces (malloc alignment: >= 16 bytes).
 struct Bytes {
   std::vector<uint8_t> v;
@@ -248,20 +242,5 @@ struct LayerRun {
     return layer_saved_views(L.cfg, L.tokens, L.dtype, saved.buffer(), Device::cpu());
   }
 };
-
-inline LayerConfig make_config(int64_t d, int64_t nr, int64_t nc, int64_t k, int64_t inter,
-                               Activation act = Activation::silu, Gating gating = Gating::softmax,
-                               RouterNorm norm = RouterNorm::batch) {
-  LayerConfig c;
-  c.hidden = d;
-  c.grid_rows = nr;
-  c.grid_cols = nc;
-  c.top_k = k;
-  c.intermediate = inter;
-  c.act = act;
-  c.gating = gating;
-  c.router_norm = norm;
-  return c;
-}
 
 }  // namespace omnimoe::test

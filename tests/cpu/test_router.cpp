@@ -23,33 +23,8 @@ using reference::Matrix;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-Exec router_exec(int threads = 0) {
-  Exec e;
-  e.num_threads = threads;
-  return e;
-}
-
-LayerConfig router_config(int64_t d, int64_t nr, int64_t nc, int64_t k,
-                          Gating gating = Gating::softmax, RouterNorm norm = RouterNorm::batch) {
-  LayerConfig c;
-  c.hidden = d;
-  c.grid_rows = nr;
-  c.grid_cols = nc;
-  c.top_k = k;
-  c.gating = gating;
-  c.router_norm = norm;
-  return c;
-}
-
-std::string shape_name(int64_t T, int64_t nr, int64_t nc, int64_t k) {
-  return "T" + std::to_string(T) + "_Nr" + std::to_string(nr) + "_Nc" + std::to_string(nc) + "_K" +
-         std::to_string(k);
-}
-
 // A NaN score ranks as -inf (include/omnimoe/router.h).
 double rank_key(double s) { return std::isnan(s) ? -kInf : s; }
-
-bool same_float(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
 
 // Every token has K distinct ids in [0, N), ordered by (score desc, id asc), NaN ranked -inf.
 ::testing::AssertionResult valid_selection(const LayerConfig& cfg, int64_t tokens,
@@ -102,7 +77,7 @@ struct SelectData {
   void run(int threads = 0) {
     indices.poison();
     scores.poison();
-    const Exec exec = router_exec(threads);
+    const Exec exec = cpu_exec(threads);
     std::vector<uint8_t> ws(router_select_workspace_bytes(cfg, tokens, exec));
     router_select_topk(cfg, row_logp.view(), col_logp.view(), indices.view(), scores.view(),
                        {ws.data(), ws.size()}, exec);
@@ -122,7 +97,7 @@ struct SelectData {
     const reference::Routing want = reference::select(cfg, floats(row_logp), floats(col_logp), T);
     for (int64_t i = 0; i < T * K; ++i) {
       ASSERT_EQ(indices.get(i), want.indices[i]) << "token " << i / K << " slot " << i % K;
-      ASSERT_TRUE(same_float(scores.get(i), want.scores[i]))
+      ASSERT_TRUE(same_or_both_nan(scores.get(i), want.scores[i]))
           << "token " << i / K << " slot " << i % K << ": score " << scores.get(i) << ", want "
           << want.scores[i];
     }
@@ -325,7 +300,7 @@ struct RouterData {
          {&indices, &scores, &gates, &row_logits, &col_logits, &row_rstd, &col_rstd}) {
       t->poison();
     }
-    const Exec exec = router_exec(threads);
+    const Exec exec = cpu_exec(threads);
     std::vector<uint8_t> ws(router_forward_workspace_bytes(cfg, tokens, x.dtype(), exec));
     router_forward(cfg, x.view(), weights(), norm(), training, outputs(), saved(),
                    {ws.data(), ws.size()}, exec);
@@ -616,7 +591,7 @@ TEST(RouterForwardNonFinite, NaN_and_inf_in_x_and_weights_T12_Nr9_Nc7_K10) {
           dg.fill_uniform(901, -1.0, 1.0);
           EXPECT_NO_THROW(router_backward(b.cfg, b.x.view(), b.weights(), training, b.saved(),
                                           b.outputs(), dg.view(), dx.view(), false,
-                                          {gr.view(), gc.view()}, {}, router_exec()));
+                                          {gr.view(), gc.view()}, {}, cpu_exec()));
         }
       }
     }
@@ -659,7 +634,7 @@ struct RouterGrads {
     if (!accumulate_dx) dx.poison();
     w_row.poison();
     w_col.poison();
-    const Exec exec = router_exec();
+    const Exec exec = cpu_exec();
     std::vector<uint8_t> ws(router_backward_workspace_bytes(b.cfg, b.tokens, b.x.dtype(), exec));
     router_backward(b.cfg, b.x.view(), b.weights(), training, b.saved(), b.outputs(), dgates.view(),
                     dx.view(), accumulate_dx, {w_row.view(), w_col.view()}, {ws.data(), ws.size()},

@@ -14,14 +14,8 @@
 namespace omnimoe::test {
 namespace {
 
-LayerConfig schedule_config(int64_t nr, int64_t nc, int64_t k) {
-  LayerConfig c;
-  c.hidden = 8;
-  c.grid_rows = nr;
-  c.grid_cols = nc;
-  c.top_k = k;
-  return c;
-}
+// The schedule reads only the grid and K; d is any valid size.
+LayerConfig schedule_config(int64_t nr, int64_t nc, int64_t k) { return make_config(8, nr, nc, k); }
 
 // K distinct ids per token, drawn from [0, pool).
 HostTensor distinct_indices(int64_t tokens, int64_t k, int64_t pool, uint64_t seed) {

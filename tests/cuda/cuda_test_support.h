@@ -13,8 +13,10 @@
 #include <gtest/gtest.h>
 #include <omnimoe/omnimoe.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -189,7 +191,6 @@ class CudaStream {
   cudaStream_t s_ = nullptr;
 };
 
-inline Exec cpu_exec() { return Exec{Device::cpu(), nullptr}; }
 inline Exec cuda_exec(cudaStream_t stream) {
   int device = 0;
   OMNIMOE_TEST_CUDA_CHECK(cudaGetDevice(&device));
@@ -204,6 +205,38 @@ void run_on_cpu_and_cuda(Op&& op) {
   op(cuda_exec(stream.get()));
   stream.synchronize();
   OMNIMOE_TEST_CUDA_CHECK(cudaGetLastError());
+}
+
+// Median milliseconds, by CUDA events on `stream`, of `iters` timed calls of fn after `warmup`
+// untimed ones. fn() or fn(i): call i gets i (from 0, warm-up and timed calls alike), so a
+// caller can rotate its inputs. For the timing tests; never asserts a time.
+template <typename Fn>
+double median_ms(Fn&& fn, int warmup, int iters, cudaStream_t stream) {
+  auto call = [&](int i) {
+    if constexpr (std::is_invocable_v<Fn&, int>) {
+      fn(i);
+    } else {
+      fn();
+    }
+  };
+  for (int i = 0; i < warmup; ++i) call(i);
+  cudaEvent_t start = nullptr, stop = nullptr;
+  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&start));
+  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(start, stream));
+    call(i);
+    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(stop, stream));
+    OMNIMOE_TEST_CUDA_CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    OMNIMOE_TEST_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
 }
 
 // Every logical element of got within tolerance of want (and no NaN).

@@ -12,7 +12,6 @@
 #include <cstring>
 #include <string>
 #include <cstdlib>
-#include <functional>
 #include <random>
 #include <unordered_set>
 #include <vector>
@@ -22,27 +21,7 @@
 namespace omnimoe::test {
 namespace {
 
-double median_ms(const std::function<void()>& fn, cudaStream_t stream, int warmup = 3,
-                 int reps = 15) {
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t start, stop;
-  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&start));
-  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(start, stream));
-    fn();
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(stop, stream));
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+constexpr int kWarmup = 3, kIters = 15;  // median_ms's warm-up and timed calls
 
 // Device copy bandwidth, bytes read + written per second.
 double copy_gbps(cudaStream_t stream) {
@@ -54,7 +33,7 @@ double copy_gbps(cudaStream_t stream) {
         OMNIMOE_TEST_CUDA_CHECK(
             cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice, stream));
       },
-      stream);
+      kWarmup, kIters, stream);
   return 2.0 * bytes / (ms * 1e-3) / 1e9;
 }
 
@@ -102,11 +81,7 @@ DeviceTensor f32_filled(int64_t n, double value) {
 void time_shape(const TimingShape& s, const char* routing, double copy) {
   const int64_t T = s.tokens, d = s.hidden, K = s.top_k, N = s.grid_rows * s.grid_cols;
   const int64_t P = T * K;
-  LayerConfig cfg;
-  cfg.hidden = d;
-  cfg.grid_rows = s.grid_rows;
-  cfg.grid_cols = s.grid_cols;
-  cfg.top_k = K;
+  const LayerConfig cfg = make_config(d, s.grid_rows, s.grid_cols, K);
   const bool by_router = std::string(routing) == "router";
 
   CudaStream stream;
@@ -203,14 +178,14 @@ void time_shape(const TimingShape& s, const char* routing, double copy) {
           experts_forward(cfg, x.view(), {up.view, down.view}, d_idx.view(), gates.view(),
                           sched, y.view(), false, preact.view(), fws.buffer(), e);
         },
-        stream.get(), 2, reps);
+        2, reps, stream.get());
     const double b_ms = median_ms(
         [&] {
           experts_backward(cfg, x.view(), {up.view, down.view}, d_idx.view(), gates.view(),
                            preact.view(), sched, dy.view(), dx.view(), false,
                            {dup.view, ddown.view}, dgates.view(), bws.buffer(), e);
         },
-        stream.get(), 2, reps);
+        2, reps, stream.get());
     const double f_gbps = fwd_bytes / (f_ms * 1e-3) / 1e9;
     const double b_gbps = bwd_bytes / (b_ms * 1e-3) / 1e9;
     std::printf(
@@ -236,7 +211,7 @@ TEST(ExpertsCudaTiming, DISABLED_bf16_shapes) {
     DeviceBuffer b(bytes);
     const double ms = median_ms(
         [&] { OMNIMOE_TEST_CUDA_CHECK(cudaMemsetAsync(b.data(), 0, bytes, stream.get())); },
-        stream.get());
+        kWarmup, kIters, stream.get());
     std::printf("device %s, copy %.0f GB/s (read + write), memset 4 GB %.3f ms = %.0f GB/s\n",
                 prop.name, copy, ms, bytes / (ms * 1e-3) / 1e9);
   }

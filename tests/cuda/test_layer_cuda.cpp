@@ -36,16 +36,8 @@ std::string case_name(const LayerCase& c) {
 }
 
 LayerConfig config_of(const LayerCase& c) {
-  LayerConfig cfg;
-  cfg.hidden = c.hidden;
-  cfg.grid_rows = c.grid_rows;
-  cfg.grid_cols = c.grid_cols;
-  cfg.top_k = c.top_k;
-  cfg.intermediate = c.inter;
-  cfg.act = c.act;
-  cfg.gating = c.gating;
-  cfg.router_norm = c.norm;
-  return cfg;
+  return make_config(c.hidden, c.grid_rows, c.grid_cols, c.top_k, c.inter, c.act, c.gating,
+                     c.norm);
 }
 
 // The same values in another dtype and layout (row padding kept).

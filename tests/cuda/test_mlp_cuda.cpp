@@ -24,15 +24,7 @@ std::string case_name(const MlpCase& c) {
   return s;
 }
 
-LayerConfig config_for(const MlpCase& c) {
-  LayerConfig cfg;
-  cfg.hidden = c.hidden;
-  cfg.grid_rows = 2;
-  cfg.grid_cols = 3;
-  cfg.top_k = 2;
-  cfg.intermediate = c.inter;
-  return cfg;
-}
+LayerConfig config_for(const MlpCase& c) { return make_config(c.hidden, 2, 3, 2, c.inter); }
 
 // Weights like nn.Linear's init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so activations stay O(1).
 MirroredTensor weight(DType dt, int64_t rows, int64_t cols, uint64_t seed, int64_t padding) {

@@ -3,10 +3,7 @@
 //   omnimoe_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='*MlpCudaTiming*'
 #include <omnimoe/omnimoe.h>
 
-#include <algorithm>
 #include <cstdio>
-#include <functional>
-#include <vector>
 
 #include "cuda/gemm.h"
 #include "cuda_test_support.h"
@@ -14,28 +11,7 @@
 namespace omnimoe::test {
 namespace {
 
-// Median milliseconds of `reps` timed calls after `warmup` untimed ones.
-double median_ms(const std::function<void()>& fn, cudaStream_t stream, int warmup = 5,
-                 int reps = 20) {
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t start, stop;
-  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&start));
-  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(start, stream));
-    fn();
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(stop, stream));
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+constexpr int kWarmup = 5, kIters = 20;  // median_ms's warm-up and timed calls
 
 DeviceTensor random_device(DType dt, int64_t rows, int64_t cols, uint64_t seed, double bound) {
   return upload(make_random(dt, {rows, cols}, seed, 0, -bound, bound));
@@ -56,7 +32,7 @@ TEST(MlpCudaTiming, DISABLED_bf16_T4096_d1024_I4096) {
     DeviceBuffer ws(cuda::gemm_workspace_bytes());
     const double ms = median_ms(
         [&] { cuda::gemm(a.view(), false, b.view(), true, c.view(), 1, 0, ws.buffer(), e); },
-        stream.get());
+        kWarmup, kIters, stream.get());
     std::printf("gemm bf16 8192^3 (NT): %.3f ms, %.1f TFLOP/s\n", ms,
                 2.0 * n * n * n / ms * 1e-9);
   }
@@ -91,16 +67,11 @@ TEST(MlpCudaTiming, DISABLED_bf16_T4096_d1024_I4096) {
             cuda::gemm(st.a->view(), st.ta, st.b->view(), st.tb, st.c->view(), 1, 0, ws.buffer(),
                        e);
           },
-          stream.get());
+          kWarmup, kIters, stream.get());
       std::printf("gemm %s %.3f ms, %.1f TFLOP/s\n", st.what, ms, 2.0 * T * d * I / ms * 1e-9);
     }
   }
-  LayerConfig cfg;
-  cfg.hidden = d;
-  cfg.grid_rows = 1;
-  cfg.grid_cols = 1;
-  cfg.top_k = 1;
-  cfg.intermediate = I;
+  const LayerConfig cfg = make_config(d, 1, 1, 1, I);
   DeviceBuffer fws(mlp_forward_workspace_bytes(cfg, T, dt, e));
   DeviceBuffer bws(mlp_backward_workspace_bytes(cfg, T, dt, e));
   const double fwd = median_ms(
@@ -108,14 +79,14 @@ TEST(MlpCudaTiming, DISABLED_bf16_T4096_d1024_I4096) {
         mlp_forward(cfg, x.view(), {wg.view(), wu.view(), wd.view()}, y.view(), false,
                     {g.view(), u.view()}, fws.buffer(), e);
       },
-      stream.get());
+      kWarmup, kIters, stream.get());
   const double bwd = median_ms(
       [&] {
         mlp_backward(cfg, x.view(), {wg.view(), wu.view(), wd.view()}, {g.view(), u.view()},
                      dy.view(), dx.view(), false, {dwg.view(), dwu.view(), dwd.view()},
                      bws.buffer(), e);
       },
-      stream.get());
+      kWarmup, kIters, stream.get());
   const double flop = 2.0 * T * d * I;
   std::printf("mlp_forward  bf16 T=%ld d=%ld I=%ld: %.3f ms, %.1f TFLOP/s (3 GEMMs)\n", long(T),
               long(d), long(I), fwd, 3 * flop / fwd * 1e-9);

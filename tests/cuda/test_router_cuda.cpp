@@ -32,27 +32,6 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-LayerConfig router_config(int64_t d, int64_t nr, int64_t nc, int64_t k,
-                          Gating gating = Gating::softmax, RouterNorm norm = RouterNorm::batch) {
-  LayerConfig c;
-  c.hidden = d;
-  c.grid_rows = nr;
-  c.grid_cols = nc;
-  c.top_k = k;
-  c.gating = gating;
-  c.router_norm = norm;
-  return c;
-}
-
-std::string shape_name(int64_t T, int64_t nr, int64_t nc, int64_t k) {
-  return "T" + std::to_string(T) + "_Nr" + std::to_string(nr) + "_Nc" + std::to_string(nc) +
-         "_K" + std::to_string(k);
-}
-
-bool same_bits_or_nan(double a, double b) {
-  return (std::isnan(a) && std::isnan(b)) || a == b;
-}
-
 // A device output: poisoned (0xFF bytes) on the device before the op runs.
 DeviceTensor poisoned_output(DType dt, std::vector<int64_t> shape) {
   HostTensor h(dt, std::move(shape));
@@ -109,7 +88,7 @@ struct SelectData {
         const int64_t at = t * K + q;
         ASSERT_EQ(gpu_idx.get(at), cpu_idx.get(at))
             << "token " << t << " slot " << q << " (" << cfg.describe() << ")";
-        ASSERT_TRUE(same_bits_or_nan(gpu_scores.get(at), cpu_scores.get(at)))
+        ASSERT_TRUE(same_or_both_nan(gpu_scores.get(at), cpu_scores.get(at)))
             << "token " << t << " slot " << q << ": score " << gpu_scores.get(at) << " vs CPU "
             << cpu_scores.get(at);
       }
@@ -694,7 +673,7 @@ TEST(RouterCudaBackwardEdge, Deterministic_bf16_T300_Nr64_Nc48_K32) {
   }
   ASSERT_EQ(results[0].size(), results[1].size());
   for (size_t i = 0; i < results[0].size(); ++i) {
-    ASSERT_TRUE(same_bits_or_nan(results[0][i], results[1][i])) << "element " << i;
+    ASSERT_TRUE(same_or_both_nan(results[0][i], results[1][i])) << "element " << i;
   }
 }
 
@@ -743,7 +722,7 @@ TEST(RouterCudaGraph, ForwardAndSchedule_replay_matches_eager_bf16_T257_Nr19_Nc2
       const std::vector<double> got = outs[i]->to_host().to_vector();
       ASSERT_EQ(got.size(), eager[i].size());
       for (size_t j = 0; j < got.size(); ++j) {
-        ASSERT_TRUE(same_bits_or_nan(got[j], eager[i][j]))
+        ASSERT_TRUE(same_or_both_nan(got[j], eager[i][j]))
             << "output " << i << " element " << j << " replay " << replay;
       }
     }

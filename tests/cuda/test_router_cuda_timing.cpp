@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <functional>
 #include <random>
 #include <vector>
 
@@ -15,28 +14,7 @@
 namespace omnimoe::test {
 namespace {
 
-// Median milliseconds of `reps` timed calls after `warmup` untimed ones; call i gets i.
-double median_ms(const std::function<void(int)>& fn, cudaStream_t stream, int warmup = 3,
-                 int reps = 20) {
-  for (int i = 0; i < warmup; ++i) fn(i);
-  cudaEvent_t start, stop;
-  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&start));
-  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(start, stream));
-    fn(i);
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(stop, stream));
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+constexpr int kWarmup = 3, kIters = 20;  // median_ms's warm-up and timed calls
 
 // log_softmax of standard normal logits, per row: what the router feeds the selection.
 HostTensor random_logp(int64_t tokens, int64_t n, uint64_t seed) {
@@ -51,15 +29,6 @@ HostTensor random_logp(int64_t tokens, int64_t n, uint64_t seed) {
     for (int64_t j = 0; j < n; ++j) h.set(t * n + j, row[j] - m - std::log(s));
   }
   return h;
-}
-
-LayerConfig config(int64_t d, int64_t nr, int64_t nc, int64_t k) {
-  LayerConfig c;
-  c.hidden = d;
-  c.grid_rows = nr;
-  c.grid_cols = nc;
-  c.top_k = k;
-  return c;
 }
 
 struct Shape {
@@ -83,7 +52,7 @@ TEST(RouterCudaTiming, DISABLED_select_forward_backward_schedule) {
   std::printf("%-16s %10s %10s %10s %10s %10s %10s\n", "shape", "select", "sel GB/s", "forward",
               "backward", "schedule", "out MB");
   for (const Shape& s : kShapes) {
-    const LayerConfig cfg = config(d, s.nr, s.nc, s.k);
+    const LayerConfig cfg = make_config(d, s.nr, s.nc, s.k);
     const int64_t T = s.tokens, K = s.k;
     // Three input sets, rotated, so the inputs do not sit in L2 between calls.
     std::vector<DeviceTensor> rows, cols;
@@ -99,7 +68,7 @@ TEST(RouterCudaTiming, DISABLED_select_forward_backward_schedule) {
           router_select_topk(cfg, rows[i % 3].view(), cols[i % 3].view(), idx.view(), sc.view(),
                              sws.buffer(), e);
         },
-        stream.get());
+        kWarmup, kIters, stream.get());
     const double bytes = 4.0 * T * (s.nr + s.nc) + 8.0 * T * K;
 
     // The whole router on bf16 x [T, 1024].
@@ -119,7 +88,7 @@ TEST(RouterCudaTiming, DISABLED_select_forward_backward_schedule) {
                          {rm.view(), rv.view(), cm.view(), cv.view()}, true, out, saved,
                          fws.buffer(), e);
         },
-        stream.get());
+        kWarmup, kIters, stream.get());
     DeviceTensor dg(make_random(DType::f32, {T, K}, 8)), dx(HostTensor(dt, {T, d}));
     DeviceTensor gr(HostTensor(dt, {s.nr, d})), gc(HostTensor(dt, {s.nc, d}));
     DeviceBuffer bws(router_backward_workspace_bytes(cfg, T, dt, e));
@@ -128,7 +97,7 @@ TEST(RouterCudaTiming, DISABLED_select_forward_backward_schedule) {
           router_backward(cfg, x.view(), {wr.view(), wc.view()}, true, saved, out, dg.view(),
                           dx.view(), false, {gr.view(), gc.view()}, bws.buffer(), e);
         },
-        stream.get());
+        kWarmup, kIters, stream.get());
     DeviceTensor off(HostTensor(DType::i32, {cfg.num_experts() + 1}));
     DeviceTensor order(HostTensor(DType::i32, {T * K}));
     DeviceBuffer schws(schedule_workspace_bytes(cfg, T, e));
@@ -136,7 +105,7 @@ TEST(RouterCudaTiming, DISABLED_select_forward_backward_schedule) {
         [&](int) {
           schedule_build(cfg, idx.view(), {off.view(), order.view()}, schws.buffer(), e);
         },
-        stream.get());
+        kWarmup, kIters, stream.get());
     std::printf("%-16s %8.4fms %10.0f %8.4fms %8.4fms %8.4fms %10.1f\n", s.name, sel,
                 bytes / sel * 1e-6, fwd, bwd, sch, 8.0 * T * K * 1e-6);
     EXPECT_TRUE(download(gates).all_finite()) << s.name;

@@ -14,14 +14,8 @@
 namespace omnimoe::test {
 namespace {
 
-LayerConfig schedule_config(int64_t nr, int64_t nc, int64_t k) {
-  LayerConfig c;
-  c.hidden = 8;
-  c.grid_rows = nr;
-  c.grid_cols = nc;
-  c.top_k = k;
-  return c;
-}
+// The schedule reads only the grid and K; d is any valid size.
+LayerConfig schedule_config(int64_t nr, int64_t nc, int64_t k) { return make_config(8, nr, nc, k); }
 
 // K distinct ids per token, uniform over [0, N) (or over [0, span) when span > 0).
 HostTensor random_selection(int64_t tokens, int64_t n, int64_t k, uint64_t seed,

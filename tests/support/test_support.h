@@ -6,6 +6,7 @@
 #include "core/tolerance.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -51,6 +52,47 @@ class HostTensor {
   int64_t row_stride_ = 0;
   std::vector<uint8_t> storage_;
 };
+
+// A layer configuration; inter = 0 means no shared MLP.
+inline LayerConfig make_config(int64_t d, int64_t nr, int64_t nc, int64_t k, int64_t inter = 0,
+                               Activation act = Activation::silu, Gating gating = Gating::softmax,
+                               RouterNorm norm = RouterNorm::batch) {
+  LayerConfig c;
+  c.hidden = d;
+  c.grid_rows = nr;
+  c.grid_cols = nc;
+  c.top_k = k;
+  c.intermediate = inter;
+  c.act = act;
+  c.gating = gating;
+  c.router_norm = norm;
+  return c;
+}
+
+// The router's configuration (no shared MLP), gating and norm in front.
+inline LayerConfig router_config(int64_t d, int64_t nr, int64_t nc, int64_t k,
+                                 Gating gating = Gating::softmax,
+                                 RouterNorm norm = RouterNorm::batch) {
+  return make_config(d, nr, nc, k, 0, Activation::silu, gating, norm);
+}
+
+// "T40_Nr9_Nc12_K6": the size part of a test name.
+inline std::string shape_name(int64_t T, int64_t nr, int64_t nc, int64_t k) {
+  return "T" + std::to_string(T) + "_Nr" + std::to_string(nr) + "_Nc" + std::to_string(nc) +
+         "_K" + std::to_string(k);
+}
+
+// Equal, or both NaN: for outputs that must match exactly, NaNs included.
+inline bool same_or_both_nan(double a, double b) {
+  return (std::isnan(a) && std::isnan(b)) || a == b;
+}
+
+// A CPU Exec; threads = 0 is OpenMP's default.
+inline Exec cpu_exec(int threads = 0) {
+  Exec e;
+  e.num_threads = threads;
+  return e;
+}
 
 // The tolerance policy lives in src/core/tolerance.h (shared with `omnimoe check`).
 using omnimoe::Tolerance;

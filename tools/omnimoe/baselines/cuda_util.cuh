@@ -1,5 +1,5 @@
-// What the tool's CUDA files share: error checks that throw, storage-type conversions, the
-// activations, and a cuBLASLt matrix product for row-major views.
+// What the tool's CUDA files share: error checks that throw, storage-type conversions and the
+// activations. Matrix products go through the library's cuda::gemm (src/cuda/gemm.h).
 #pragma once
 
 #include <cublasLt.h>
@@ -8,9 +8,7 @@
 #include <cuda_runtime.h>
 #include <omnimoe/omnimoe.h>
 
-#include <map>
 #include <string>
-#include <tuple>
 
 namespace omnimoe::tool {
 
@@ -62,6 +60,12 @@ __device__ __forceinline__ float activate(float v, int act) {
   return v > 0.0f ? v : 0.0f;
 }
 
+// `exec` with its stream replaced: the baselines take their stream per call.
+inline Exec exec_on(Exec exec, cudaStream_t stream) {
+  exec.stream = stream;
+  return exec;
+}
+
 // Calls fn(T{}) for the device storage type of a dtype the baselines support.
 template <typename Fn>
 void dispatch_baseline_dtype(DType dtype, Fn&& fn) {
@@ -80,35 +84,5 @@ void dispatch_baseline_dtype(DType dtype, Fn&& fn) {
   }
   throw Error(std::string("the baselines support bf16, f16 and f32, not ") + dtype_name(dtype));
 }
-
-// C[m, n] = op(A) op(B) with row-major operands (fp32 accumulation, alpha 1, beta 0): op(A) is
-// A [m, k], or A stored [k, m] when trans_a; op(B) is B [k, n], or B stored [n, k] when
-// trans_b. A plan per shape is kept, so repeated calls cost one cublasLtMatmul.
-class LtGemm {
- public:
-  explicit LtGemm(size_t workspace_bytes = size_t{64} << 20);
-  ~LtGemm();
-  LtGemm(const LtGemm&) = delete;
-  LtGemm& operator=(const LtGemm&) = delete;
-
-  void run(DType dtype, const void* a, int64_t lda, bool trans_a, const void* b, int64_t ldb,
-           bool trans_b, void* c, int64_t ldc, int64_t m, int64_t n, int64_t k,
-           cudaStream_t stream);
-
- private:
-  struct Plan {
-    cublasLtMatmulDesc_t op = nullptr;
-    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-    cublasLtMatmulAlgo_t algo{};
-  };
-  using Key = std::tuple<int, int64_t, int64_t, bool, int64_t, int64_t, int64_t, int64_t, bool>;
-  Plan& plan(DType dtype, int64_t lda, bool trans_a, int64_t ldb, bool trans_b, int64_t ldc,
-             int64_t m, int64_t n, int64_t k);
-
-  cublasLtHandle_t handle_ = nullptr;
-  void* workspace_ = nullptr;
-  size_t workspace_bytes_;
-  std::map<Key, Plan> plans_;
-};
 
 }  // namespace omnimoe::tool

@@ -33,14 +33,18 @@ DenseMasked::DenseMasked(Platform& platform, const LayerConfig& cfg, int64_t tok
       tokens_(tokens),
       dtype_(dtype),
       scores_(platform, static_cast<size_t>(tokens * cfg.num_experts()) * dtype_size(dtype)),
-      selected_(platform, static_cast<size_t>(tokens * cfg.top_k) * sizeof(float)) {}
+      selected_(platform, static_cast<size_t>(tokens * cfg.top_k) * sizeof(float)),
+      exec_(platform.exec()),
+      workspace_(platform, cuda::gemm_workspace_bytes()) {}
 
 void DenseMasked::forward(const ExpertBranchInputs& in, const TensorView& y, cudaStream_t stream) {
-  const int64_t T = tokens_, N = cfg_.num_experts(), d = cfg_.hidden, K = cfg_.top_k;
+  const int64_t T = tokens_, N = cfg_.num_experts(), K = cfg_.top_k;
   const int64_t pairs = T * K;
+  const Exec exec = exec_on(exec_, stream);
+  const Buffer ws{workspace_.data(), workspace_.bytes()};
+  const TensorView scores = TensorView::contiguous(scores_.data(), dtype_, {T, N}, exec.device);
   // S [T, N] = X [T, d] W^T (W is [N, d]).
-  gemm_.run(dtype_, in.x.data, in.x.strides[0], false, in.up.data, in.up.strides[0], true,
-            scores_.data(), N, T, N, d, stream);
+  cuda::gemm(in.x, false, in.up, true, scores, 1.0f, 0.0f, ws, exec);
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((pairs + threads - 1) / threads);
   dispatch_baseline_dtype(dtype_, [&](auto tag) {
@@ -58,8 +62,7 @@ void DenseMasked::forward(const ExpertBranchInputs& in, const TensorView& y, cud
     TOOL_CUDA_CHECK_LAUNCH("scatter_gated");
   });
   // Y [T, d] = S [T, N] V (V is [N, d]).
-  gemm_.run(dtype_, scores_.data(), N, false, in.down.data, in.down.strides[0], false, y.data,
-            y.strides[0], T, d, N, stream);
+  cuda::gemm(scores, false, in.down, false, y, 1.0f, 0.0f, ws, exec);
 }
 
 }  // namespace omnimoe::tool

@@ -35,7 +35,12 @@ __global__ void swiglu_backward(const T* __restrict__ h, const T* __restrict__ d
 
 DenseSwiglu::DenseSwiglu(Platform& platform, int64_t tokens, int64_t hidden, int64_t inter,
                          DType dtype, int sets)
-    : tokens_(tokens), hidden_(hidden), inter_(inter), dtype_(dtype) {
+    : tokens_(tokens),
+      hidden_(hidden),
+      inter_(inter),
+      dtype_(dtype),
+      exec_(platform.exec()),
+      workspace_(platform, cuda::gemm_workspace_bytes()) {
   const int64_t T = tokens, d = hidden, I = inter;
   const size_t s = dtype_size(dtype);
   const Device dev = platform.device();
@@ -54,6 +59,10 @@ DenseSwiglu::DenseSwiglu(Platform& platform, int64_t tokens, int64_t hidden, int
                         1.0f);  // dY
 }
 
+TensorView DenseSwiglu::view(void* data, int64_t rows, int64_t cols) const {
+  return TensorView::contiguous(data, dtype_, {rows, cols}, exec_.device);
+}
+
 void DenseSwiglu::forward(const TensorView& x, int set, cudaStream_t stream) {
   const int64_t T = tokens_, d = hidden_, I = inter_;
   const size_t s = dtype_size(dtype_);
@@ -62,7 +71,9 @@ void DenseSwiglu::forward(const TensorView& x, int set, cudaStream_t stream) {
   void* h = act;
   void* a = act + static_cast<size_t>(2 * T * I) * s;
   void* y = act + static_cast<size_t>(3 * T * I) * s;
-  gemm_.run(dtype_, x.data, x.strides[0], false, w, d, true, h, 2 * I, T, 2 * I, d, stream);
+  const Exec exec = exec_on(exec_, stream);
+  const Buffer ws{workspace_.data(), workspace_.bytes()};
+  cuda::gemm(x, false, view(w, 2 * I, d), true, view(h, T, 2 * I), 1.0f, 0.0f, ws, exec);
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((T * I + threads - 1) / threads);
   dispatch_baseline_dtype(dtype_, [&](auto tag) {
@@ -71,8 +82,8 @@ void DenseSwiglu::forward(const TensorView& x, int set, cudaStream_t stream) {
         <<<blocks, threads, 0, stream>>>(static_cast<const Tp*>(h), static_cast<Tp*>(a), T, I);
     TOOL_CUDA_CHECK_LAUNCH("swiglu_forward");
   });
-  gemm_.run(dtype_, a, I, false, w + static_cast<size_t>(2 * I * d) * s, I, true, y, d, T, d, I,
-            stream);
+  cuda::gemm(view(a, T, I), false, view(w + static_cast<size_t>(2 * I * d) * s, d, I), true,
+             view(y, T, d), 1.0f, 0.0f, ws, exec);
 }
 
 void DenseSwiglu::backward(const TensorView& x, int set, cudaStream_t stream) {
@@ -91,8 +102,12 @@ void DenseSwiglu::backward(const TensorView& x, int set, cudaStream_t stream) {
   void* dx = g + static_cast<size_t>(T * d + 3 * T * I) * s;
   void* dw_gu = g + static_cast<size_t>(2 * T * d + 3 * T * I) * s;
   void* dw_down = g + static_cast<size_t>(2 * T * d + 3 * T * I + 2 * I * d) * s;
-  gemm_.run(dtype_, dy, d, false, w_down, I, false, da, I, T, I, d, stream);  // dA = dY W_down
-  gemm_.run(dtype_, dy, d, true, a, I, false, dw_down, I, d, I, T, stream);   // dW_down = dY^T A
+  const Exec exec = exec_on(exec_, stream);
+  const Buffer ws{workspace_.data(), workspace_.bytes()};
+  cuda::gemm(view(dy, T, d), false, view(w_down, d, I), false, view(da, T, I), 1.0f, 0.0f, ws,
+             exec);  // dA = dY W_down
+  cuda::gemm(view(dy, T, d), true, view(a, T, I), false, view(dw_down, d, I), 1.0f, 0.0f, ws,
+             exec);  // dW_down = dY^T A
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((T * I + threads - 1) / threads);
   dispatch_baseline_dtype(dtype_, [&](auto tag) {
@@ -101,9 +116,10 @@ void DenseSwiglu::backward(const TensorView& x, int set, cudaStream_t stream) {
         static_cast<const Tp*>(h), static_cast<const Tp*>(da), static_cast<Tp*>(dh), T, I);
     TOOL_CUDA_CHECK_LAUNCH("swiglu_backward");
   });
-  gemm_.run(dtype_, dh, 2 * I, false, w_gu, d, false, dx, d, T, d, 2 * I, stream);  // dX = dH W_gu
-  gemm_.run(dtype_, dh, 2 * I, true, x.data, x.strides[0], false, dw_gu, d, 2 * I, d, T,
-            stream);  // dW_gu = dH^T X
+  cuda::gemm(view(dh, T, 2 * I), false, view(w_gu, 2 * I, d), false, view(dx, T, d), 1.0f, 0.0f,
+             ws, exec);  // dX = dH W_gu
+  cuda::gemm(view(dh, T, 2 * I), true, x, false, view(dw_gu, 2 * I, d), 1.0f, 0.0f, ws,
+             exec);  // dW_gu = dH^T X
 }
 
 }  // namespace omnimoe::tool

@@ -1,0 +1,88 @@
+// BranchFork on CUDA: a cached side stream per device, fork and join by event record/wait.
+#include <map>
+#include <mutex>
+
+#include "backend/branch.h"
+#include "cuda/cuda_common.cuh"
+
+namespace omnimoe::detail {
+namespace {
+
+// Creating (and destroying) streams and events is not a stream operation, but a global-mode capture on another
+// thread would reject it as "unsafe"; relax the mode for this thread while creating them.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { OMNIMOE_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode_)); }
+  ~RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }  // restores; cannot throw
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
+// One side stream per device, created on first use and kept for the life of the process (like
+// the cuBLASLt handles). Non-blocking: it orders against the caller only through our events.
+cudaStream_t side_stream_for(int device) {
+  static std::mutex mutex;
+  static std::map<int, cudaStream_t> streams;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find(device);
+  if (it != streams.end()) return it->second;
+  cudaStream_t s = nullptr;
+  {
+    RelaxedCapture relaxed;
+    OMNIMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  }
+  streams.emplace(device, s);
+  return s;
+}
+
+// Records an event on `from` and makes `to` wait for it. The event is created and destroyed per
+// call: one shared event could be re-recorded by another thread between our record and wait.
+void order_after(cudaStream_t from, cudaStream_t to) {
+  cudaEvent_t event = nullptr;
+  {
+    RelaxedCapture relaxed;
+    OMNIMOE_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  }
+  cudaError_t err = cudaEventRecord(event, from);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(to, event, 0);
+  {
+    RelaxedCapture relaxed;
+    cudaEventDestroy(event);  // released once the recorded work completes
+  }
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    OMNIMOE_FAIL("branch fork/join: cudaEventRecord/cudaStreamWaitEvent failed: ",
+                 cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+  }
+}
+
+}  // namespace
+
+BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {
+  if (exec.device.type != DeviceType::cuda) return;
+  cuda::DeviceGuard guard(exec);
+  const cudaStream_t side = side_stream_for(exec.device.index);
+  order_after(cuda::stream_of(exec), side);
+  side_.stream = side;
+}
+
+void BranchFork::join() {
+  if (side_.stream == exec_.stream) return;
+  cuda::DeviceGuard guard(exec_);
+  const cudaStream_t side = cuda::stream_of(side_);
+  side_.stream = exec_.stream;  // joined: later calls (and the destructor) do nothing
+  order_after(side, cuda::stream_of(exec_));
+}
+
+// An exception between fork and join still joins, so a capture in progress stays joinable.
+BranchFork::~BranchFork() {
+  try {
+    join();
+  } catch (...) {
+  }
+}
+
+}  // namespace omnimoe::detail
