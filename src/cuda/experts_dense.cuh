@@ -3,8 +3,10 @@
 // kernels: per chunk of tokens, S = X W^T over all experts (fp32), the chosen entries picked out
 // into a zeroed [tokens, N] coefficient matrix A (g * act(S), storage dtype), then y = A V.
 // Backward likewise: S = dY V^T, DA and G = g*h scattered per pair, dx = DA W, dW = DA^T X,
-// dV = G^T dY. Tokens run in chunks so that the [chunk, N] buffers stay within ~512 MiB; dW and dV
-// are summed over chunks in chunk order (deterministic: fixed GEMM configurations, no atomics).
+// dV = G^T dY, with DA split into high and low storage-dtype parts (two products each) so the
+// coefficient keeps ~16 mantissa bits. Tokens run in chunks so that the [chunk, N] buffers stay
+// within ~512 MiB; dW and dV are summed over chunks in fp32 buffers in chunk order and rounded
+// once (deterministic: fixed GEMM configurations, no atomics).
 // Assumes distinct experts per token (what the router returns): a repeated id keeps one pair.
 // bf16 and f16 only: f32 storage would need FP32 GEMMs (no TF32: the CPU is the oracle) at about
 // 1/15 of the bf16 rate, where the gather path wins.
