@@ -58,8 +58,19 @@ void gemm(int64_t M, int64_t N, int64_t K, const TA* a, int64_t sa0, int64_t sa1
         const TA* ai = a + i * sa0;
         for (int64_t j = 0; j < N; ++j) {
           const TB* bj = b + j * sb1;
+          // Eight partial sums in a fixed order: the compiler vectorises them (one running sum
+          // cannot be reordered under strict IEEE rules), and the result stays deterministic.
+          constexpr int kLanes = 8;
+          Acc part[kLanes] = {};
+          int64_t k = 0;
+          for (; k + kLanes <= K; k += kLanes) {
+            for (int l = 0; l < kLanes; ++l) {
+              part[l] += Acc(to_float(ai[k + l])) * Acc(to_float(bj[k + l]));
+            }
+          }
           Acc s = 0;
-          for (int64_t k = 0; k < K; ++k) s += Acc(to_float(ai[k])) * Acc(to_float(bj[k]));
+          for (; k < K; ++k) s += Acc(to_float(ai[k])) * Acc(to_float(bj[k]));
+          for (int l = 0; l < kLanes; ++l) s += part[l];
           row[j] = s;
         }
       } else {

@@ -349,8 +349,17 @@ void expect_forward_matches(const RouterData& b, const RouterExpected& r, bool t
   const int64_t T = b.tokens, K = c.top_k, nr = c.grid_rows, nc = c.grid_cols;
   const Tolerance tol = tolerance_for(DType::f32, c.hidden);
 
-  expect_near("saved.row_logits", b.row_logits.to_vector(), r.row_z, tol);
-  expect_near("saved.col_logits", b.col_logits.to_vector(), r.col_z, tol);
+  // The norm multiplies the logits' rounding error by 1/std of their column, which is large when
+  // a column barely varies over the batch (T = 2): compare in the logits' own scale.
+  auto unnormalised = [&](std::vector<double> z, const std::vector<double>& rstd, int64_t n) {
+    if (!b.batch_norm()) return z;
+    for (size_t i = 0; i < z.size(); ++i) z[i] /= rstd[i % static_cast<size_t>(n)];
+    return z;
+  };
+  expect_near("saved.row_logits", unnormalised(b.row_logits.to_vector(), r.row_rstd, nr),
+              unnormalised(r.row_z, r.row_rstd, nr), tol);
+  expect_near("saved.col_logits", unnormalised(b.col_logits.to_vector(), r.col_rstd, nc),
+              unnormalised(r.col_z, r.col_rstd, nc), tol);
   if (b.batch_norm()) {
     expect_near("saved.row_rstd", b.row_rstd.to_vector(), r.row_rstd, tol);
     expect_near("saved.col_rstd", b.col_rstd.to_vector(), r.col_rstd, tol);
