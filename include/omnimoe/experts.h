@@ -18,18 +18,20 @@ struct ExpertWeights {
 const char* experts_execution(const LayerConfig& cfg, int64_t tokens, DType dtype,
                               const Exec& exec);
 
-// `indices` i32 [T, K] and `gates` f32 [T, K] come from the router, `schedule` from
-// schedule_build over the same indices. y [T, d] is overwritten, or added to when accumulate is
-// true. `preact` f32 [T, K] receives x_t . W[e_k], which backward reuses.
+// `indices` i32 [T, K] and `gates` f32 [T, K] come from the router. y [T, d] is overwritten, or
+// added to when accumulate is true. `preact` f32 [T, K] receives x_t . W[e_k], which backward
+// reuses. Forward needs no schedule: its executions either walk tokens or build their own
+// expert-major tiles from the indices.
 size_t experts_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                        const Exec& exec);
 void experts_forward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
-                     const TensorView& indices, const TensorView& gates, const Schedule& schedule,
-                     const TensorView& y, bool accumulate, const TensorView& preact,
-                     Buffer workspace, const Exec& exec);
+                     const TensorView& indices, const TensorView& gates, const TensorView& y,
+                     bool accumulate, const TensorView& preact, Buffer workspace,
+                     const Exec& exec);
 
 // Gradients: dx [T, d] (overwritten, or added to when accumulate_dx), grads.up / grads.down
-// [N, d] (overwritten; rows of experts no token chose are zero), dgates f32 [T, K].
+// [N, d] (overwritten; rows of experts no token chose are zero), dgates f32 [T, K]. `schedule`
+// comes from schedule_build over the same indices (the per-expert sums of dW and dV walk it).
 size_t experts_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                         const Exec& exec);
 void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,

@@ -20,11 +20,11 @@ struct LayerWeights {
 using LayerGrads = LayerWeights;
 
 // Views into the one buffer that layer_forward fills and layer_backward reads:
-// O(T*K) for the routing and schedule (20 bytes per pair), O(T*(N_r+N_c+2I)) activations.
+// O(T*K) for the routing (16 bytes per pair: indices, scores, gates, preact) and
+// O(T*(N_r+N_c+2I)) activations. The schedule is not saved: backward builds it in its workspace.
 struct LayerSaved {
   RouterOutputs routing;
   RouterSaved router;
-  Schedule schedule;
   TensorView expert_preact;  // f32 [T, K]
   MlpSaved mlp;
 };

@@ -1,8 +1,8 @@
 // Fork/join of two branches of work inside one op call. On CUDA, side() runs on a library-owned
-// stream (one per device, non-blocking) that first waits for everything already queued on
-// exec.stream, and join() makes exec.stream wait for the side stream; both are event record/wait
-// pairs, so they work on the legacy default stream and are captured into a CUDA graph as two
-// parallel branches. On the CPU side() is exec itself and join() does nothing.
+// stream (one per device, non-blocking, greatest priority) that first waits for everything
+// already queued on exec.stream, and join() makes exec.stream wait for the side stream; both are
+// event record/wait pairs, so they work on the legacy default stream and are captured into a
+// CUDA graph as two parallel branches. On the CPU side() is exec itself and join() does nothing.
 #pragma once
 
 #include <omnimoe/omnimoe.h>

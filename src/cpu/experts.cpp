@@ -136,9 +136,9 @@ const char* experts_execution(const LayerConfig&, int64_t, DType) { return "cpu"
 size_t experts_forward_workspace_bytes(const LayerConfig&, int64_t, DType) { return 0; }
 
 void experts_forward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
-                     const TensorView& indices, const TensorView& gates, const Schedule& schedule,
-                     const TensorView& y, bool accumulate, const TensorView& preact,
-                     Buffer workspace, const Exec& exec) {
+                     const TensorView& indices, const TensorView& gates, const TensorView& y,
+                     bool accumulate, const TensorView& preact, Buffer workspace,
+                     const Exec& exec) {
   dispatch_storage(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     forward_impl<T>(cfg, x, weights, indices, gates, y, accumulate, preact, exec);

@@ -23,6 +23,10 @@ class RelaxedCapture {
 
 // One side stream per device, created on first use and kept for the life of the process (like
 // the cuBLASLt handles). Non-blocking: it orders against the caller only through our events.
+// Greatest priority: the block scheduler hands freed SMs to its kernels first, so a chain of
+// small kernels there advances while a GEMM on the caller's (default-priority) stream fills the
+// device. Captured kernels keep it as a node attribute, honoured by graphs instantiated with
+// cudaGraphInstantiateFlagUseNodePriority.
 cudaStream_t side_stream_for(int device) {
   static std::mutex mutex;
   static std::map<int, cudaStream_t> streams;
@@ -32,7 +36,9 @@ cudaStream_t side_stream_for(int device) {
   cudaStream_t s = nullptr;
   {
     RelaxedCapture relaxed;
-    OMNIMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    int least = 0, greatest = 0;
+    OMNIMOE_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    OMNIMOE_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest));
   }
   streams.emplace(device, s);
   return s;

@@ -116,19 +116,19 @@ size_t experts_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, D
 }
 
 void experts_forward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
-                     const TensorView& indices, const TensorView& gates, const Schedule& schedule,
-                     const TensorView& y, bool accumulate, const TensorView& preact,
-                     Buffer workspace, const Exec& exec) {
+                     const TensorView& indices, const TensorView& gates, const TensorView& y,
+                     bool accumulate, const TensorView& preact, Buffer workspace,
+                     const Exec& exec) {
   const int64_t tokens = x.shape[0];
   const ExpertsPath path = choose_path(cfg, tokens, x.dtype, Direction::forward);
   if (path == ExpertsPath::tiled) {
-    experts_tiled_forward(cfg, x, weights, indices, gates, schedule, y, accumulate, preact,
+    experts_tiled_forward(cfg, x, weights, indices, gates, y, accumulate, preact,
                           workspace, exec);
   } else if (path == ExpertsPath::dense) {
-    experts_dense_forward(cfg, x, weights, indices, gates, schedule, y, accumulate, preact,
+    experts_dense_forward(cfg, x, weights, indices, gates, y, accumulate, preact,
                           workspace, exec);
   } else {
-    experts_gather_forward(cfg, x, weights, indices, gates, schedule, y, accumulate, preact,
+    experts_gather_forward(cfg, x, weights, indices, gates, y, accumulate, preact,
                            workspace, exec);
   }
 }

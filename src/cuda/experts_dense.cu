@@ -284,9 +284,8 @@ size_t experts_dense_forward_workspace_bytes(const LayerConfig& cfg, int64_t tok
 
 void experts_dense_forward(const LayerConfig& cfg, const TensorView& x,
                            const ExpertWeights& weights, const TensorView& indices,
-                           const TensorView& gates, const Schedule&, const TensorView& y,
-                           bool accumulate, const TensorView& preact, Buffer workspace,
-                           const Exec& exec) {
+                           const TensorView& gates, const TensorView& y, bool accumulate,
+                           const TensorView& preact, Buffer workspace, const Exec& exec) {
   const DeviceGuard guard(exec);
   dispatch_half(x.dtype, [&](auto tag) {
     forward_typed<decltype(tag)>(cfg, x, weights, indices, gates, y, accumulate, preact, workspace,

@@ -19,9 +19,8 @@ size_t experts_gather_forward_workspace_bytes(const LayerConfig& cfg, int64_t to
                                               DType dtype);
 void experts_gather_forward(const LayerConfig& cfg, const TensorView& x,
                             const ExpertWeights& weights, const TensorView& indices,
-                            const TensorView& gates, const Schedule& schedule, const TensorView& y,
-                            bool accumulate, const TensorView& preact, Buffer workspace,
-                            const Exec& exec);
+                            const TensorView& gates, const TensorView& y, bool accumulate,
+                            const TensorView& preact, Buffer workspace, const Exec& exec);
 
 size_t experts_gather_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens,
                                                DType dtype);

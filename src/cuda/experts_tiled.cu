@@ -1417,9 +1417,9 @@ void launch_table_amax(const TensorView& table, unsigned* amax, cudaStream_t str
 
 template <typename T>
 void forward_impl(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
-                  const TensorView& indices, const TensorView& gates, const Schedule& schedule,
-                  const TensorView& y, bool accumulate, const TensorView& preact,
-                  Buffer workspace, const Exec& exec) {
+                  const TensorView& indices, const TensorView& gates, const TensorView& y,
+                  bool accumulate, const TensorView& preact, Buffer workspace,
+                  const Exec& exec) {
   cudaStream_t stream = stream_of(exec);
   const int64_t tokens = x.shape[0];
   const Workspace w = carve(cfg, tokens, false, workspace.data);
@@ -1526,9 +1526,8 @@ size_t experts_tiled_backward_workspace_bytes(const LayerConfig& cfg, int64_t to
 
 void experts_tiled_forward(const LayerConfig& cfg, const TensorView& x,
                            const ExpertWeights& weights, const TensorView& indices,
-                           const TensorView& gates, const Schedule& schedule, const TensorView& y,
-                           bool accumulate, const TensorView& preact, Buffer workspace,
-                           const Exec& exec) {
+                           const TensorView& gates, const TensorView& y, bool accumulate,
+                           const TensorView& preact, Buffer workspace, const Exec& exec) {
   OMNIMOE_CHECK(experts_tiled_supports(cfg, x.shape[0], x.dtype),
                 "experts_tiled_forward: unsupported call (dtype ", dtype_name(x.dtype), ", T = ",
                 x.shape[0], ", ", cfg.describe(), ")");
@@ -1539,7 +1538,7 @@ void experts_tiled_forward(const LayerConfig& cfg, const TensorView& x,
   DeviceGuard guard(exec);
   dispatch_tensor_core(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    forward_impl<T>(cfg, x, weights, indices, gates, schedule, y, accumulate, preact, workspace,
+    forward_impl<T>(cfg, x, weights, indices, gates, y, accumulate, preact, workspace,
                     exec);
   });
 }

@@ -23,9 +23,8 @@ bool experts_tiled_supports(const LayerConfig& cfg, int64_t tokens, DType dtype)
 size_t experts_tiled_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype);
 void experts_tiled_forward(const LayerConfig& cfg, const TensorView& x,
                            const ExpertWeights& weights, const TensorView& indices,
-                           const TensorView& gates, const Schedule& schedule, const TensorView& y,
-                           bool accumulate, const TensorView& preact, Buffer workspace,
-                           const Exec& exec);
+                           const TensorView& gates, const TensorView& y, bool accumulate,
+                           const TensorView& preact, Buffer workspace, const Exec& exec);
 
 size_t experts_tiled_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens,
                                               DType dtype);

@@ -11,14 +11,13 @@ namespace {
 // The routing inputs shared by forward and backward.
 int64_t check_routing(const char* op, const LayerConfig& cfg, const TensorView& x,
                       const ExpertWeights& w, const TensorView& indices, const TensorView& gates,
-                      const Schedule& schedule, const Exec& exec) {
+                      const Exec& exec) {
   const int64_t tokens = check_input(op, cfg, x, exec);
   const Device dev = exec.device;
   check_matrix(op, "weights.up (W)", w.up, cfg.num_experts(), cfg.hidden, x.dtype, dev);
   check_matrix(op, "weights.down (V)", w.down, cfg.num_experts(), cfg.hidden, x.dtype, dev);
   check_dense_matrix(op, "indices", indices, tokens, cfg.top_k, DType::i32, dev);
   check_dense_matrix(op, "gates", gates, tokens, cfg.top_k, DType::f32, dev);
-  check_schedule(op, cfg, tokens, schedule, dev);
   return tokens;
 }
 
@@ -37,17 +36,17 @@ size_t experts_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, D
 }
 
 void experts_forward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
-                     const TensorView& indices, const TensorView& gates, const Schedule& schedule,
-                     const TensorView& y, bool accumulate, const TensorView& preact,
-                     Buffer workspace, const Exec& exec) {
+                     const TensorView& indices, const TensorView& gates, const TensorView& y,
+                     bool accumulate, const TensorView& preact, Buffer workspace,
+                     const Exec& exec) {
   const char* op = "experts_forward";
-  const int64_t tokens = check_routing(op, cfg, x, weights, indices, gates, schedule, exec);
+  const int64_t tokens = check_routing(op, cfg, x, weights, indices, gates, exec);
   check_matrix(op, "y", y, tokens, cfg.hidden, x.dtype, exec.device);
   check_dense_matrix(op, "preact", preact, tokens, cfg.top_k, DType::f32, exec.device);
   check_buffer(op, "workspace", workspace,
                OMNIMOE_DISPATCH(exec, experts_forward_workspace_bytes, cfg, tokens, x.dtype));
   if (tokens == 0) return;
-  OMNIMOE_DISPATCH(exec, experts_forward, cfg, x, weights, indices, gates, schedule, y,
+  OMNIMOE_DISPATCH(exec, experts_forward, cfg, x, weights, indices, gates, y,
                    accumulate, preact, workspace, exec);
 }
 
@@ -63,8 +62,9 @@ void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertW
                       const TensorView& dx, bool accumulate_dx, const ExpertWeights& grads,
                       const TensorView& dgates, Buffer workspace, const Exec& exec) {
   const char* op = "experts_backward";
-  const int64_t tokens = check_routing(op, cfg, x, weights, indices, gates, schedule, exec);
+  const int64_t tokens = check_routing(op, cfg, x, weights, indices, gates, exec);
   const Device dev = exec.device;
+  check_schedule(op, cfg, tokens, schedule, dev);
   check_dense_matrix(op, "preact", preact, tokens, cfg.top_k, DType::f32, dev);
   check_matrix(op, "dy", dy, tokens, cfg.hidden, x.dtype, dev);
   check_matrix(op, "dx", dx, tokens, cfg.hidden, x.dtype, dev);

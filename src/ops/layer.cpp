@@ -45,8 +45,6 @@ LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLay
   s.routing.scores = L.matrix(DType::f32, tokens, K);
   s.routing.gates = L.matrix(DType::f32, tokens, K);
   s.expert_preact = L.matrix(DType::f32, tokens, K);
-  s.schedule.pair_order = L.vector(DType::i32, tokens * K);
-  s.schedule.expert_offsets = L.vector(DType::i32, cfg.num_experts() + 1);
   s.router.row_logits = L.matrix(DType::f32, tokens, cfg.grid_rows);
   s.router.col_logits = L.matrix(DType::f32, tokens, cfg.grid_cols);
   if (cfg.router_norm == RouterNorm::batch) {
@@ -60,11 +58,12 @@ LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLay
   return s;
 }
 
-// On CUDA the shared MLP and the expert branch (router -> schedule -> experts) run concurrently,
-// on two streams: both are memory-bound and the expert branch is a chain of small kernels, so
-// overlapping them hides most of the shorter one. Each branch then needs its own workspace region
-// and one of them a private [T, d] output, added in at the join. The CPU runs them in order,
-// writing y and dx directly.
+// On CUDA the shared MLP and the expert branch (router -> experts forward; schedule -> experts
+// -> router backward) run concurrently: the expert branch on BranchFork's high-priority side
+// stream, so its chain of small kernels takes SMs as they free instead of queueing behind the
+// MLP's GEMMs, and the MLP on the caller's stream. Each branch then needs its own workspace
+// region, and the expert branch a private [T, d] output, added in at the join. The CPU runs them
+// in order, writing y and dx directly.
 bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
   return exec.device.type == DeviceType::cuda && cfg.intermediate > 0;
 }
@@ -83,15 +82,34 @@ Buffer take_front(Buffer& b, size_t bytes) {
 
 size_t expert_branch_forward_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                    const Exec& exec) {
-  return std::max({router_forward_workspace_bytes(cfg, tokens, dtype, exec),
-                   schedule_workspace_bytes(cfg, tokens, exec),
-                   experts_forward_workspace_bytes(cfg, tokens, dtype, exec)});
+  return std::max(router_forward_workspace_bytes(cfg, tokens, dtype, exec),
+                  experts_forward_workspace_bytes(cfg, tokens, dtype, exec));
+}
+
+// The schedule is built in backward, where the expert sums read it: forward needs none, and it
+// is not kept between the passes. It lives at the front of the expert branch's region.
+size_t schedule_bytes(const LayerConfig& cfg, int64_t tokens) {
+  return align_up(static_cast<size_t>(tokens * cfg.top_k) * 4) +
+         align_up(static_cast<size_t>(cfg.num_experts() + 1) * 4);
+}
+
+Schedule take_schedule(const LayerConfig& cfg, int64_t tokens, Buffer& b, Device device) {
+  Schedule s;
+  s.pair_order = TensorView::contiguous(b.data, DType::i32, {tokens * cfg.top_k}, device);
+  const size_t order_bytes = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
+  s.expert_offsets = TensorView::contiguous(static_cast<char*>(b.data) + order_bytes, DType::i32,
+                                            {cfg.num_experts() + 1}, device);
+  b = {static_cast<char*>(b.data) + schedule_bytes(cfg, tokens),
+       b.bytes - schedule_bytes(cfg, tokens)};
+  return s;
 }
 
 size_t expert_branch_backward_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                     const Exec& exec) {
-  return std::max(router_backward_workspace_bytes(cfg, tokens, dtype, exec),
-                  experts_backward_workspace_bytes(cfg, tokens, dtype, exec));
+  return schedule_bytes(cfg, tokens) +
+         std::max({schedule_workspace_bytes(cfg, tokens, exec),
+                   router_backward_workspace_bytes(cfg, tokens, dtype, exec),
+                   experts_backward_workspace_bytes(cfg, tokens, dtype, exec)});
 }
 
 void check_layer_args(const char* op, const LayerConfig& cfg, const TensorView& x, Exec exec) {
@@ -158,11 +176,11 @@ void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeigh
     const TensorView y_experts = TensorView::contiguous(y_experts_buf.data, x.dtype,
                                                         {tokens, cfg.hidden}, exec.device);
     BranchFork fork(exec);
-    mlp_forward(cfg, x, weights.mlp, y, /*accumulate=*/false, s.mlp, mlp_ws, fork.side());
-    router_forward(cfg, x, weights.router, norm, training, s.routing, s.router, rest, exec);
-    schedule_build(cfg, s.routing.indices, s.schedule, rest, exec);
-    experts_forward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, s.schedule,
-                    y_experts, /*accumulate=*/false, s.expert_preact, rest, exec);
+    const Exec& side = fork.side();
+    router_forward(cfg, x, weights.router, norm, training, s.routing, s.router, rest, side);
+    experts_forward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, y_experts,
+                    /*accumulate=*/false, s.expert_preact, rest, side);
+    mlp_forward(cfg, x, weights.mlp, y, /*accumulate=*/false, s.mlp, mlp_ws, exec);
     fork.join();
     if (tokens > 0) OMNIMOE_DISPATCH(exec, tensor_add, y, y_experts, exec);
     return;
@@ -171,8 +189,7 @@ void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeigh
   const bool has_mlp = cfg.intermediate > 0;
   if (has_mlp) mlp_forward(cfg, x, weights.mlp, y, /*accumulate=*/false, s.mlp, workspace, exec);
   router_forward(cfg, x, weights.router, norm, training, s.routing, s.router, workspace, exec);
-  schedule_build(cfg, s.routing.indices, s.schedule, workspace, exec);
-  experts_forward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, s.schedule, y,
+  experts_forward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, y,
                   /*accumulate=*/has_mlp, s.expert_preact, workspace, exec);
 }
 
@@ -182,7 +199,7 @@ size_t layer_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DT
   // dgates (f32 [T, K]) passes from the experts' backward to the router's.
   const size_t dgates = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
   if (branches_concurrent(cfg, exec)) {
-    // [dgates | MLP's dx | MLP region | expert branch region]
+    // [dgates | experts' dx | MLP region | expert branch region (schedule first)]
     return dgates + hidden_bytes(cfg, tokens, dtype) +
            align_up(mlp_backward_workspace_bytes(cfg, tokens, dtype, exec)) + experts;
   }
@@ -211,21 +228,24 @@ void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeig
 
   if (branches_concurrent(cfg, exec)) {
     Buffer rest = op_workspace;
-    const Buffer dx_mlp_buf = take_front(rest, hidden_bytes(cfg, tokens, x.dtype));
+    const Buffer dx_experts_buf = take_front(rest, hidden_bytes(cfg, tokens, x.dtype));
     const Buffer mlp_ws =
         take_front(rest, align_up(mlp_backward_workspace_bytes(cfg, tokens, x.dtype, exec)));
-    const TensorView dx_mlp =
-        TensorView::contiguous(dx_mlp_buf.data, x.dtype, {tokens, cfg.hidden}, exec.device);
+    const TensorView dx_experts =
+        TensorView::contiguous(dx_experts_buf.data, x.dtype, {tokens, cfg.hidden}, exec.device);
+    const Schedule schedule = take_schedule(cfg, tokens, rest, exec.device);
     BranchFork fork(exec);
-    mlp_backward(cfg, x, weights.mlp, s.mlp, dy, dx_mlp, /*accumulate_dx=*/false, grads.mlp,
-                 mlp_ws, fork.side());
+    const Exec& side = fork.side();
+    schedule_build(cfg, s.routing.indices, schedule, rest, side);
     experts_backward(cfg, x, weights.experts, s.routing.indices, s.routing.gates,
-                     s.expert_preact, s.schedule, dy, dx, /*accumulate_dx=*/false, grads.experts,
-                     dgates, rest, exec);
-    router_backward(cfg, x, weights.router, training, s.router, s.routing, dgates, dx,
-                    /*accumulate_dx=*/true, grads.router, rest, exec);
+                     s.expert_preact, schedule, dy, dx_experts, /*accumulate_dx=*/false,
+                     grads.experts, dgates, rest, side);
+    router_backward(cfg, x, weights.router, training, s.router, s.routing, dgates, dx_experts,
+                    /*accumulate_dx=*/true, grads.router, rest, side);
+    mlp_backward(cfg, x, weights.mlp, s.mlp, dy, dx, /*accumulate_dx=*/false, grads.mlp, mlp_ws,
+                 exec);
     fork.join();
-    if (tokens > 0) OMNIMOE_DISPATCH(exec, tensor_add, dx, dx_mlp, exec);
+    if (tokens > 0) OMNIMOE_DISPATCH(exec, tensor_add, dx, dx_experts, exec);
     return;
   }
 
@@ -234,11 +254,14 @@ void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeig
     mlp_backward(cfg, x, weights.mlp, s.mlp, dy, dx, /*accumulate_dx=*/false, grads.mlp,
                  op_workspace, exec);
   }
+  Buffer rest = op_workspace;
+  const Schedule schedule = take_schedule(cfg, tokens, rest, exec.device);
+  schedule_build(cfg, s.routing.indices, schedule, rest, exec);
   experts_backward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, s.expert_preact,
-                   s.schedule, dy, dx, /*accumulate_dx=*/has_mlp, grads.experts, dgates,
-                   op_workspace, exec);
+                   schedule, dy, dx, /*accumulate_dx=*/has_mlp, grads.experts, dgates, rest,
+                   exec);
   router_backward(cfg, x, weights.router, training, s.router, s.routing, dgates, dx,
-                  /*accumulate_dx=*/true, grads.router, op_workspace, exec);
+                  /*accumulate_dx=*/true, grads.router, rest, exec);
 }
 
 }  // namespace omnimoe

@@ -124,25 +124,25 @@ TEST(ApiVersion, matches_the_macros) {
             version());
 }
 
-// The saved state is O(T*K) for the routing (<= 24 bytes per pair) plus O(T*(N_r+N_c+2I))
-// activations, plus a constant (the expert offsets, the norm's rstd, alignment).
+// The saved state is O(T*K) for the routing (16 bytes per pair: indices, scores, gates,
+// preact) plus O(T*(N_r+N_c+2I)) activations, plus a constant (the norm's rstd, alignment).
 TEST(ApiSavedBytes, grows_with_T_times_K_and_the_activations) {
   for (DType dtype : {DType::f32, DType::bf16, DType::f64}) {
     for (int64_t inter : {int64_t{0}, int64_t{96}}) {
       const LayerConfig cfg = make_config(64, 19, 23, 37, inter);
-      const int64_t N = cfg.num_experts();
+      ASSERT_EQ(cfg.router_norm, RouterNorm::batch);
       const size_t esize = dtype_size(dtype);
       const int64_t per_token_act = (cfg.grid_rows + cfg.grid_cols) * 4 + 2 * inter * esize;
-      const int64_t constant = (N + 1) * 4 + (cfg.grid_rows + cfg.grid_cols) * 4 + 16 * 256;
+      const int64_t constant = (cfg.grid_rows + cfg.grid_cols) * 4 + 16 * 256;
       size_t previous = layer_saved_bytes(cfg, 0, dtype);
-      EXPECT_GT(previous, 0u);  // the expert offsets
+      EXPECT_GT(previous, 0u);  // the norm's rstd
       EXPECT_LE(previous, static_cast<size_t>(constant));
       for (int64_t T : {1, 2, 17, 256, 4096}) {
         const size_t bytes = layer_saved_bytes(cfg, T, dtype);
         const int64_t pairs = T * cfg.top_k;
-        EXPECT_GE(bytes, static_cast<size_t>(20 * pairs + T * per_token_act))
+        EXPECT_GE(bytes, static_cast<size_t>(16 * pairs + T * per_token_act))
             << dtype_name(dtype) << " T=" << T;
-        EXPECT_LE(bytes, static_cast<size_t>(24 * pairs + T * per_token_act + constant))
+        EXPECT_LE(bytes, static_cast<size_t>(16 * pairs + T * per_token_act + constant))
             << dtype_name(dtype) << " T=" << T;
         EXPECT_GT(bytes, previous);
         previous = bytes;
@@ -170,8 +170,6 @@ TEST(ApiSavedViews, carve_the_buffer_without_overlap) {
                           {"scores", &s.routing.scores},
                           {"gates", &s.routing.gates},
                           {"preact", &s.expert_preact},
-                          {"pair_order", &s.schedule.pair_order},
-                          {"expert_offsets", &s.schedule.expert_offsets},
                           {"row_logits", &s.router.row_logits},
                           {"col_logits", &s.router.col_logits},
                           {"row_rstd", &s.router.row_rstd},
@@ -194,7 +192,7 @@ TEST(ApiSavedViews, carve_the_buffer_without_overlap) {
   EXPECT_EQ(s.mlp.gate_pre.dtype, DType::bf16);
   EXPECT_EQ(s.routing.indices.dtype, DType::i32);
   EXPECT_EQ(s.routing.indices.shape[1], 4);
-  EXPECT_EQ(s.schedule.expert_offsets.shape[0], 36);
+  EXPECT_EQ(s.expert_preact.shape[1], 4);
 }
 
 }  // namespace

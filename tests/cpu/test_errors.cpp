@@ -78,18 +78,22 @@ struct Args {
   MlpWeights mlp_grads() const { return {dwg.view(), dwu.view(), dwd.view()}; }
 
   void experts_fwd(const LayerConfig& c, const TensorView& x_, const ExpertWeights& w,
-                   const TensorView& idx, const TensorView& g, const Schedule& s,
-                   const TensorView& y_, const TensorView& pre, const Exec& e) {
-    experts_forward(c, x_, w, idx, g, s, y_, false, pre, Buffer{}, e);
+                   const TensorView& idx, const TensorView& g, const TensorView& y_,
+                   const TensorView& pre, const Exec& e) {
+    experts_forward(c, x_, w, idx, g, y_, false, pre, Buffer{}, e);
   }
   void experts_fwd() {
-    experts_fwd(cfg, x.view(), experts(), indices.view(), gates.view(), schedule.view(), y.view(),
-                preact.view(), exec);
+    experts_fwd(cfg, x.view(), experts(), indices.view(), gates.view(), y.view(), preact.view(),
+                exec);
   }
   void experts_bwd(const TensorView& dy_, const TensorView& dx_, const ExpertWeights& g,
                    const TensorView& dg, const TensorView& pre) {
-    experts_backward(cfg, x.view(), experts(), indices.view(), gates.view(), pre, schedule.view(),
-                     dy_, dx_, false, g, dg, Buffer{}, exec);
+    experts_bwd(dy_, dx_, g, dg, pre, schedule.view());
+  }
+  void experts_bwd(const TensorView& dy_, const TensorView& dx_, const ExpertWeights& g,
+                   const TensorView& dg, const TensorView& pre, const Schedule& s) {
+    experts_backward(cfg, x.view(), experts(), indices.view(), gates.view(), pre, s, dy_, dx_,
+                     false, g, dg, Buffer{}, exec);
   }
 };
 
@@ -169,64 +173,57 @@ TEST(ErrorsExperts, forward_arguments_are_checked_by_name) {
   const ExpertWeights w = a.experts();
   const TensorView x = a.x.view(), idx = a.indices.view(), g = a.gates.view(), y = a.y.view(),
                    pre = a.preact.view();
-  const Schedule s = a.schedule.view();
   const Exec& e = a.exec;
 
   HostTensor x1d = tensor(DType::f32, {20});
-  EXPECT_ERROR(a.experts_fwd(c, x1d.view(), w, idx, g, s, y, pre, e), "experts_forward", "x", "2-D",
+  EXPECT_ERROR(a.experts_fwd(c, x1d.view(), w, idx, g, y, pre, e), "experts_forward", "x", "2-D",
                "got 1-D [20]");
   HostTensor x6 = tensor(DType::f32, {4, 6});
-  EXPECT_ERROR(a.experts_fwd(c, x6.view(), w, idx, g, s, y, pre, e), "x must have shape [*, 5]",
+  EXPECT_ERROR(a.experts_fwd(c, x6.view(), w, idx, g, y, pre, e), "x must have shape [*, 5]",
                "got [4, 6]");
   HostTensor xi = tensor(DType::i32, {4, 5});
-  EXPECT_ERROR(a.experts_fwd(c, xi.view(), w, idx, g, s, y, pre, e), "x must have dtype",
+  EXPECT_ERROR(a.experts_fwd(c, xi.view(), w, idx, g, y, pre, e), "x must have dtype",
                "got i32");
-  EXPECT_ERROR(a.experts_fwd(c, on_cuda(x), w, idx, g, s, y, pre, e), "x must be on cpu",
+  EXPECT_ERROR(a.experts_fwd(c, on_cuda(x), w, idx, g, y, pre, e), "x must be on cpu",
                "got cuda:0");
   TensorView xnull = x;
   xnull.data = nullptr;
-  EXPECT_ERROR(a.experts_fwd(c, xnull, w, idx, g, s, y, pre, e), "x is a null pointer",
+  EXPECT_ERROR(a.experts_fwd(c, xnull, w, idx, g, y, pre, e), "x is a null pointer",
                "20 elements");
   HostTensor xwide = tensor(DType::f32, {4, 10});
   EXPECT_ERROR(a.experts_fwd(
                    c, with_strides(TensorView::contiguous(xwide.data(), DType::f32, {4, 5}), 10, 2),
-                   w, idx, g, s, y, pre, e),
+                   w, idx, g, y, pre, e),
                "x must be contiguous in its last dimension", "got stride 2");
-  EXPECT_ERROR(a.experts_fwd(c, with_strides(x, 3, 1), w, idx, g, s, y, pre, e),
+  EXPECT_ERROR(a.experts_fwd(c, with_strides(x, 3, 1), w, idx, g, y, pre, e),
                "x must have a row stride >= its 5 columns", "got 3");
 
   HostTensor up11 = tensor(DType::f32, {11, 5});
-  EXPECT_ERROR(a.experts_fwd(c, x, {up11.view(), w.down}, idx, g, s, y, pre, e),
+  EXPECT_ERROR(a.experts_fwd(c, x, {up11.view(), w.down}, idx, g, y, pre, e),
                "weights.up (W) must have shape [12, 5]", "got [11, 5]");
   HostTensor down16 = tensor(DType::f16, {12, 5});
-  EXPECT_ERROR(a.experts_fwd(c, x, {w.up, down16.view()}, idx, g, s, y, pre, e),
+  EXPECT_ERROR(a.experts_fwd(c, x, {w.up, down16.view()}, idx, g, y, pre, e),
                "weights.down (V) must have dtype f32", "got f16");
-  EXPECT_ERROR(a.experts_fwd(c, x, {w.up, on_cuda(w.down)}, idx, g, s, y, pre, e),
+  EXPECT_ERROR(a.experts_fwd(c, x, {w.up, on_cuda(w.down)}, idx, g, y, pre, e),
                "weights.down (V) must be on cpu", "got cuda:0");
 
   HostTensor idx64 = tensor(DType::i64, {4, 3});
-  EXPECT_ERROR(a.experts_fwd(c, x, w, idx64.view(), g, s, y, pre, e), "indices must have dtype i32",
+  EXPECT_ERROR(a.experts_fwd(c, x, w, idx64.view(), g, y, pre, e), "indices must have dtype i32",
                "got i64");
   HostTensor idx4 = tensor(DType::i32, {4, 4});
-  EXPECT_ERROR(a.experts_fwd(c, x, w, idx4.view(), g, s, y, pre, e),
+  EXPECT_ERROR(a.experts_fwd(c, x, w, idx4.view(), g, y, pre, e),
                "indices must have shape [4, 3]", "got [4, 4]");
   HostTensor idx_padded(DType::i32, {4, 3}, 1);
-  EXPECT_ERROR(a.experts_fwd(c, x, w, idx_padded.view(), g, s, y, pre, e),
+  EXPECT_ERROR(a.experts_fwd(c, x, w, idx_padded.view(), g, y, pre, e),
                "indices must be densely packed (row stride 3)", "got row stride 4");
   HostTensor g64 = tensor(DType::f64, {4, 3});
-  EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g64.view(), s, y, pre, e), "gates must have dtype f32",
+  EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g64.view(), y, pre, e), "gates must have dtype f32",
                "got f64");
-  HostTensor off12(DType::i32, {12});
-  EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g, {off12.view(), s.pair_order}, y, pre, e),
-               "schedule.expert_offsets must have shape [13]", "got [12]");
-  HostTensor order11(DType::i32, {11});
-  EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g, {s.expert_offsets, order11.view()}, y, pre, e),
-               "schedule.pair_order must have shape [12]", "got [11]");
   HostTensor y3 = tensor(DType::f32, {3, 5});
-  EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g, s, y3.view(), pre, e), "y must have shape [4, 5]",
+  EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g, y3.view(), pre, e), "y must have shape [4, 5]",
                "got [3, 5]");
   HostTensor prebf = tensor(DType::bf16, {4, 3});
-  EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g, s, y, prebf.view(), e), "preact must have dtype f32",
+  EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g, y, prebf.view(), e), "preact must have dtype f32",
                "got bf16");
 }
 
@@ -251,6 +248,13 @@ TEST(ErrorsExperts, backward_arguments_are_checked_by_name) {
   HostTensor dg2 = tensor(DType::f32, {4, 2});
   EXPECT_ERROR(a.experts_bwd(dy, dx, grads, dg2.view(), pre), "dgates must have shape [4, 3]",
                "got [4, 2]");
+  const Schedule s = a.schedule.view();
+  HostTensor off12(DType::i32, {12});
+  EXPECT_ERROR(a.experts_bwd(dy, dx, grads, dg, pre, {off12.view(), s.pair_order}),
+               "experts_backward", "schedule.expert_offsets must have shape [13]", "got [12]");
+  HostTensor order11(DType::i32, {11});
+  EXPECT_ERROR(a.experts_bwd(dy, dx, grads, dg, pre, {s.expert_offsets, order11.view()}),
+               "schedule.pair_order must have shape [12]", "got [11]");
   HostTensor pre5 = tensor(DType::f32, {5, 3});
   EXPECT_ERROR(a.experts_bwd(dy, dx, grads, dg, pre5.view()), "preact must have shape [4, 3]",
                "got [5, 3]");
@@ -488,7 +492,7 @@ TEST(ErrorsEmptyBatch, T0_experts_forward_and_backward) {
   ddown.poison();
   const Schedule s{off.view(), order.view()};
   EXPECT_NO_THROW(experts_forward(cfg, x.view(), {up.view(), down.view()}, idx.view(), gates.view(),
-                                  s, y.view(), false, pre.view(), Buffer{}, cpu_exec()));
+                                  y.view(), false, pre.view(), Buffer{}, cpu_exec()));
   EXPECT_NO_THROW(experts_backward(cfg, x.view(), {up.view(), down.view()}, idx.view(),
                                    gates.view(), pre.view(), s, y.view(), dx.view(), false,
                                    {dup.view(), ddown.view()}, dg.view(), Buffer{}, cpu_exec()));

@@ -118,7 +118,7 @@ class ExpertsTest : public ::testing::TestWithParam<ExpertsCase> {
   ExpertWeights weights() const { return {up.view(), down.view()}; }
 
   void forward(HostTensor& y, HostTensor& preact, bool accumulate, const Exec& exec) {
-    experts_forward(cfg, x.view(), weights(), indices.view(), gates.view(), schedule.view(),
+    experts_forward(cfg, x.view(), weights(), indices.view(), gates.view(),
                     y.view(), accumulate, preact.view(), Buffer{}, exec);
   }
 

@@ -172,7 +172,7 @@ struct ExpertsProblem {
 
   void forward(bool accumulate, const Exec& e) {
     Scratch ws(e, experts_forward_workspace_bytes(cfg, T, dtype, e));
-    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e), schedule(e),
+    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e),
                     y.view(e), accumulate, preact.view(e), ws.buffer(), e);
   }
   void backward(bool accumulate_dx, const Exec& e) {

@@ -176,7 +176,7 @@ void time_shape(const TimingShape& s, const char* routing, double copy) {
     const double f_ms = median_ms(
         [&] {
           experts_forward(cfg, x.view(), {up.view, down.view}, d_idx.view(), gates.view(),
-                          sched, y.view(), false, preact.view(), fws.buffer(), e);
+                          y.view(), false, preact.view(), fws.buffer(), e);
         },
         2, reps, stream.get());
     const double b_ms = median_ms(

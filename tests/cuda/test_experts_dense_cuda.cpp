@@ -154,7 +154,7 @@ struct DenseProblem {
 
   void forward(bool accumulate, const Exec& e) {
     Scratch ws(e, experts_forward_workspace_bytes(cfg, T, dtype, e));
-    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e), schedule(e),
+    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e),
                     y.view(e), accumulate, preact.view(e), ws.buffer(), e);
   }
   void backward(bool accumulate_dx, const Exec& e) {
@@ -341,7 +341,7 @@ TEST(ExpertsDenseCudaGraph, bf16_T257_d64_Nr8_Nc8_K5_chunk100_CapturedAndReplaye
   DeviceBuffer bws(experts_backward_workspace_bytes(P.cfg, P.T, P.dtype, e));
   auto run = [&] {
     experts_forward(P.cfg, P.x.view(e), P.weights(e), P.indices.view(e), P.gates.view(e),
-                    P.schedule(e), P.y.view(e), false, P.preact.view(e), fws.buffer(), e);
+                    P.y.view(e), false, P.preact.view(e), fws.buffer(), e);
     experts_backward(P.cfg, P.x.view(e), P.weights(e), P.indices.view(e), P.gates.view(e),
                      P.preact.view(e), P.schedule(e), P.dy.view(e), P.dx.view(e), false,
                      {P.dup.view(e), P.ddown.view(e)}, P.dgates.view(e), bws.buffer(), e);

@@ -174,7 +174,7 @@ struct TiledProblem {
 
   void forward(bool accumulate, const Exec& e) {
     Scratch ws(e, experts_forward_workspace_bytes(cfg, T, dtype, e));
-    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e), schedule(e),
+    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e),
                     y.view(e), accumulate, preact.view(e), ws.buffer(), e);
   }
   void backward(bool accumulate_dx, const Exec& e) {
@@ -543,7 +543,7 @@ void time_shape(const Shape& s, double copy, double gemm_rate) {
       const int r = std::string(path) == "gather" && K >= 4096 ? 3 : reps;
       const double f_ms = median_ms(
           [&] {
-            experts_forward(cfg, x.view(), w, idx.view(), gates.view(), sched, y.view(), false,
+            experts_forward(cfg, x.view(), w, idx.view(), gates.view(), y.view(), false,
                             preact.view(), fw.buffer(), ex);
           },
           stream.get(), 2, r);
@@ -570,7 +570,7 @@ void time_shape(const Shape& s, double copy, double gemm_rate) {
     Exec ex = e;
     ex.deterministic = deterministic;
     std::fprintf(stderr, "  stages (%s):\n", deterministic ? "deterministic" : "fp32-atomics");
-    experts_forward(cfg, x.view(), w, idx.view(), gates.view(), sched, y.view(), false,
+    experts_forward(cfg, x.view(), w, idx.view(), gates.view(), y.view(), false,
                     preact.view(), fws.buffer(), ex);
     experts_backward(cfg, x.view(), w, idx.view(), gates.view(), preact.view(), sched,
                      dy.view(), dx.view(), false, g, dgates.view(), bws.buffer(), ex);

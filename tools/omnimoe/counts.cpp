@@ -16,13 +16,13 @@ LayerWork count_work(const BenchConfig& c, int64_t distinct_experts) {
   LayerWork w;
   // Router: logits [T, N_r + N_c] (saved in f32), then indices, scores, gates (4 bytes each).
   w.router_forward = {2 * T * d * R, s * (T * d + R * d) + 4 * T * R + 12 * P};
+  // The selection alone: the f32 log-probabilities [T, R] read, indices and scores written.
+  w.router_select = {0.0, 4 * T * R + 8 * P};
   // Counting sort of the T*K indices by expert: read indices, write pair order and N+1 offsets.
   w.schedule = {0.0, 4 * P + 4 * P + 4 * (N + 1)};
   // Experts: a dot product and an axpy per pair; each chosen expert's W and V rows read once;
-  // x read, y written (read too when it accumulates); indices, gates, pair order read, preact
-  // written.
-  w.experts_forward = {4 * P * d,
-                       s * (2 * D * d + T * d + y_passes * T * d) + 16 * P + 4 * (N + 1)};
+  // x read, y written (read too when it accumulates); indices, gates read, preact written.
+  w.experts_forward = {4 * P * d, s * (2 * D * d + T * d + y_passes * T * d) + 12 * P};
   // SwiGLU: three [T, d] x [d, I] products; weights, x, y, and the two saved projections.
   w.mlp_forward = mlp ? Work{6 * T * d * I, s * (3 * I * d + 2 * T * d + 2 * T * I)} : Work{};
 
@@ -38,9 +38,10 @@ LayerWork count_work(const BenchConfig& c, int64_t distinct_experts) {
   // gradients): weights read, gradients written, x, dy, dx, the saved projections.
   w.mlp_backward = mlp ? Work{12 * T * d * I, s * (6 * I * d + 3 * T * d + 2 * T * I)} : Work{};
 
-  w.layer_forward = w.router_forward + w.schedule + w.experts_forward + w.mlp_forward;
-  w.layer_forward_backward =
-      w.layer_forward + w.router_backward + w.experts_backward + w.mlp_backward;
+  // The layer builds the schedule in backward, where the expert sums read it.
+  w.layer_forward = w.router_forward + w.experts_forward + w.mlp_forward;
+  w.layer_forward_backward = w.layer_forward + w.schedule + w.router_backward +
+                             w.experts_backward + w.mlp_backward;
 
   const Derived der = derive(c);
   const double Id = static_cast<double>(der.dense_intermediate);

@@ -14,7 +14,7 @@ struct Work {
 inline Work operator+(Work a, Work b) { return {a.flops + b.flops, a.bytes + b.bytes}; }
 
 struct LayerWork {
-  Work router_forward, schedule, experts_forward, mlp_forward;
+  Work router_forward, router_select, schedule, experts_forward, mlp_forward;
   Work router_backward, experts_backward, mlp_backward;
   Work layer_forward, layer_forward_backward;
   Work dense_forward, dense_forward_backward;  // the dense SwiGLU of I' (baseline c)

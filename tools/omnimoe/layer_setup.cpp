@@ -16,6 +16,7 @@ namespace {
 struct SetLayout {
   TensorView x, dy, row, col, up, down, gate, mlp_up, mlp_down;
   TensorView row_mean, row_var, col_mean, col_var;
+  Schedule schedule;
   Buffer saved;
   size_t bytes = 0;
 };
@@ -40,6 +41,8 @@ SetLayout lay_out_set(const BenchConfig& c, void* base, Device device, size_t sa
   s.row_var = cv.vector(DType::f32, l.grid_rows);
   s.col_mean = cv.vector(DType::f32, l.grid_cols);
   s.col_var = cv.vector(DType::f32, l.grid_cols);
+  s.schedule.pair_order = cv.vector(DType::i32, T * l.top_k);
+  s.schedule.expert_offsets = cv.vector(DType::i32, N + 1);
   s.saved = cv.buffer(saved_bytes);
   s.bytes = cv.bytes();
   return s;
@@ -79,6 +82,8 @@ LayerSetup::LayerSetup(Platform& p, const BenchConfig& c, int num_sets, uint64_t
                       [&] { return layer_forward_workspace_bytes(l, T, dt, exec); }),
                 query(notes, "router_forward_workspace_bytes",
                       [&] { return router_forward_workspace_bytes(l, T, dt, exec); }),
+                query(notes, "router_select_workspace_bytes",
+                      [&] { return router_select_workspace_bytes(l, T, exec); }),
                 query(notes, "schedule_workspace_bytes",
                       [&] { return schedule_workspace_bytes(l, T, exec); }),
                 query(notes, "experts_forward_workspace_bytes",
@@ -137,6 +142,7 @@ LayerSetup::LayerSetup(Platform& p, const BenchConfig& c, int num_sets, uint64_t
     s.norm = {L.row_mean, L.row_var, L.col_mean, L.col_var};
     s.saved = L.saved;
     s.views = layer_saved_views(l, T, dt, s.saved, exec.device);
+    s.schedule = L.schedule;
     fill_set(s, seed + static_cast<uint64_t>(i));
     sets.push_back(std::move(s));
   }
@@ -208,8 +214,8 @@ void LayerSetup::host_schedule(InputSet& s) {
   std::partial_sum(offsets.begin(), offsets.end(), offsets.begin());
   std::vector<int32_t> next(offsets.begin(), offsets.end() - 1);
   for (int64_t p = 0; p < P; ++p) order[next[idx[p]]++] = static_cast<int32_t>(p);  // stable
-  platform.copy_to_device(s.views.schedule.pair_order.data, order.data(), order.size() * 4);
-  platform.copy_to_device(s.views.schedule.expert_offsets.data, offsets.data(), offsets.size() * 4);
+  platform.copy_to_device(s.schedule.pair_order.data, order.data(), order.size() * 4);
+  platform.copy_to_device(s.schedule.expert_offsets.data, offsets.data(), offsets.size() * 4);
 }
 
 std::string LayerSetup::prepare() {
@@ -218,9 +224,18 @@ std::string LayerSetup::prepare() {
   std::string router_error;
   for (size_t i = 0; i < sets.size(); ++i) {
     InputSet& s = sets[i];
+    const auto build_schedule = [&] {
+      try {
+        schedule_build(l, s.views.routing.indices, s.schedule, shared.workspace, exec);
+        platform.synchronize();
+      } catch (const std::exception&) {
+        host_schedule(s);
+      }
+    };
     try {
       layer_forward(l, s.x, s.weights, s.norm, true, shared.y, s.saved, shared.workspace, exec);
       platform.synchronize();
+      build_schedule();
       continue;
     } catch (const std::exception&) {
       // Op by op below: each missing op's output is made another way.
@@ -234,12 +249,7 @@ std::string LayerSetup::prepare() {
       router_error = e.what();
       synthetic_routing(s, seed_ + i);
     }
-    try {
-      schedule_build(l, v.routing.indices, v.schedule, shared.workspace, exec);
-      platform.synchronize();
-    } catch (const std::exception&) {
-      host_schedule(s);
-    }
+    build_schedule();
     if (has_mlp) {
       try {
         mlp_forward(l, s.x, s.weights.mlp, shared.y, false, v.mlp, shared.workspace, exec);
@@ -250,7 +260,7 @@ std::string LayerSetup::prepare() {
       }
     }
     try {
-      experts_forward(l, s.x, s.weights.experts, v.routing.indices, v.routing.gates, v.schedule,
+      experts_forward(l, s.x, s.weights.experts, v.routing.indices, v.routing.gates,
                       shared.y, has_mlp, v.expert_preact, shared.workspace, exec);
       platform.synchronize();
     } catch (const std::exception&) {

@@ -21,7 +21,8 @@ struct InputSet {
   LayerWeights weights;
   RouterNormState norm;
   Buffer saved;
-  LayerSaved views;  // the saved buffer carved by layer_saved_views
+  LayerSaved views;   // the saved buffer carved by layer_saved_views
+  Schedule schedule;  // of the saved routing, for the op-level rows (the layer builds its own)
 };
 
 // What every set shares: outputs, gradients and scratch.
@@ -41,9 +42,10 @@ class LayerSetup {
   // Bytes of one input set (its working set, the saved buffer included).
   static size_t input_set_bytes(const BenchConfig& config);
 
-  // Runs layer_forward on every set so the saved buffers hold what backward needs; when an op
-  // is missing on this backend, fills its part another way (routing drawn at random on the
-  // host, a host-built schedule, random activations). Returns where the routing came from.
+  // Runs layer_forward on every set so the saved buffers hold what backward needs, then builds
+  // each set's schedule; when an op is missing on this backend, fills its part another way
+  // (routing drawn at random on the host, a host-built schedule, random activations). Returns
+  // where the routing came from.
   std::string prepare();
 
   // Experts that at least one token of set 0 chose.
