@@ -68,6 +68,9 @@ struct Exec {
   void* stream = nullptr;
   int num_threads = 0;       // CPU: OpenMP threads, 0 = OpenMP's default
   bool deterministic = true; // CUDA: no floating-point atomics; bitwise repeatable results
+  // CUDA: how many SMs the call's matrix products aim to fill (0 = all). For callers that run
+  // other work beside the call; cuBLASLt then sizes its products for that many SMs.
+  int sm_count = 0;
 };
 
 // True when this build contains the CUDA backend and a CUDA device is visible.

@@ -76,6 +76,8 @@ void check_exec(const char* op, const Exec& exec) {
                 exec.device.index);
   OMNIMOE_CHECK(exec.num_threads >= 0, op, ": exec.num_threads must be >= 0, got ",
                 exec.num_threads);
+  OMNIMOE_CHECK(exec.sm_count >= 0, op, ": exec.sm_count must be >= 0 (0 = all SMs), got ",
+                exec.sm_count);
 }
 
 void check_buffer(const char* op, const char* name, Buffer buffer, size_t needed) {

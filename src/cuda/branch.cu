@@ -44,20 +44,34 @@ cudaStream_t side_stream_for(int device) {
   return s;
 }
 
-// Records an event on `from` and makes `to` wait for it. The event is created and destroyed per
-// call: one shared event could be re-recorded by another thread between our record and wait.
-void order_after(cudaStream_t from, cudaStream_t to) {
+// One event per (thread, device), created on first use and reused: cudaStreamWaitEvent waits for
+// the record made just before it, so re-recording later is safe, and no other thread records
+// this one between our record and wait. Creating events per call cost host time on every layer
+// call (creation and destruction are not stream operations and need the capture mode relaxed).
+cudaEvent_t event_for(int device) {
+  struct Events {
+    std::map<int, cudaEvent_t> by_device;
+    ~Events() {
+      for (auto& [d, e] : by_device) cudaEventDestroy(e);  // at thread exit; errors ignored
+    }
+  };
+  thread_local Events events;
+  auto it = events.by_device.find(device);
+  if (it != events.by_device.end()) return it->second;
   cudaEvent_t event = nullptr;
   {
     RelaxedCapture relaxed;
     OMNIMOE_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
   }
+  events.by_device.emplace(device, event);
+  return event;
+}
+
+// Makes `to` wait for everything queued on `from` so far.
+void order_after(cudaStream_t from, cudaStream_t to, int device) {
+  const cudaEvent_t event = event_for(device);
   cudaError_t err = cudaEventRecord(event, from);
   if (err == cudaSuccess) err = cudaStreamWaitEvent(to, event, 0);
-  {
-    RelaxedCapture relaxed;
-    cudaEventDestroy(event);  // released once the recorded work completes
-  }
   if (err != cudaSuccess) {
     cudaGetLastError();
     OMNIMOE_FAIL("branch fork/join: cudaEventRecord/cudaStreamWaitEvent failed: ",
@@ -71,7 +85,7 @@ BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {
   if (exec.device.type != DeviceType::cuda) return;
   cuda::DeviceGuard guard(exec);
   const cudaStream_t side = side_stream_for(exec.device.index);
-  order_after(cuda::stream_of(exec), side);
+  order_after(cuda::stream_of(exec), side, exec.device.index);
   side_.stream = side;
 }
 
@@ -80,7 +94,7 @@ void BranchFork::join() {
   cuda::DeviceGuard guard(exec_);
   const cudaStream_t side = cuda::stream_of(side_);
   side_.stream = exec_.stream;  // joined: later calls (and the destructor) do nothing
-  order_after(side, cuda::stream_of(exec_));
+  order_after(side, cuda::stream_of(exec_), exec_.device.index);
 }
 
 // An exception between fork and join still joins, so a capture in progress stays joinable.

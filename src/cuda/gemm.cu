@@ -67,9 +67,10 @@ struct PlanKey {
   int64_t m, n, k, lda, ldb, ldc;
   uint32_t align_a, align_b, align_c;
   size_t workspace;
+  int sm_count;  // 0: all
   auto tie() const {
     return std::tie(device, a_type, c_type, trans_a, trans_b, m, n, k, lda, ldb, ldc, align_a,
-                    align_b, align_c, workspace);
+                    align_b, align_c, workspace, sm_count);
   }
   bool operator<(const PlanKey& o) const { return tie() < o.tie(); }
 };
@@ -101,6 +102,11 @@ std::unique_ptr<Plan> build_plan(cublasLtHandle_t handle, const PlanKey& key) {
   // cuBLASLt's first operand is our B, its second is our A (see the top of the file).
   const cublasOperation_t op_first = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_second = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  if (key.sm_count > 0) {
+    const int32_t sms = key.sm_count;
+    OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(
+        plan->op, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms, sizeof(sms)));
+  }
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA,
                                                         &op_first, sizeof(op_first)));
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB,
@@ -255,6 +261,7 @@ void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
   key.align_b = alignment_of(b.data);
   key.align_c = alignment_of(c.data);
   key.workspace = ws_bytes;
+  key.sm_count = exec.sm_count;
 
   const cublasLtHandle_t handle = handle_for(exec.device.index);
   const Plan& plan = plan_for(handle, key);

@@ -61,9 +61,10 @@ LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLay
 // On CUDA the shared MLP and the expert branch (router -> experts forward; schedule -> experts
 // -> router backward) run concurrently: the expert branch on BranchFork's high-priority side
 // stream, so its chain of small kernels takes SMs as they free instead of queueing behind the
-// MLP's GEMMs, and the MLP on the caller's stream. Each branch then needs its own workspace
-// region, and the expert branch a private [T, d] output, added in at the join. The CPU runs them
-// in order, writing y and dx directly.
+// MLP's GEMMs, and the MLP on the caller's stream. (Sizing the MLP's products for fewer SMs,
+// Exec::sm_count, to leave room for the expert branch was measured and gained nothing.) Each
+// branch then needs its own workspace region, and the expert branch a private [T, d] output,
+// added in at the join. The CPU runs them in order, writing y and dx directly.
 bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
   return exec.device.type == DeviceType::cuda && cfg.intermediate > 0;
 }

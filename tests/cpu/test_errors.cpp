@@ -143,6 +143,9 @@ TEST(ErrorsExec, bad_exec_fields_are_named) {
   a.exec.num_threads = -1;
   EXPECT_ERROR(a.experts_fwd(), "experts_forward", "exec.num_threads", "got -1");
   a.exec = cpu_exec();
+  a.exec.sm_count = -2;
+  EXPECT_ERROR(a.experts_fwd(), "experts_forward", "exec.sm_count must be >= 0", "got -2");
+  a.exec = cpu_exec();
   a.exec.device.index = -1;
   EXPECT_ERROR(a.experts_fwd(), "exec.device.index", "got -1");
   a.exec = cpu_exec();

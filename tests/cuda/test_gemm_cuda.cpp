@@ -17,6 +17,7 @@ struct GemmCase {
   int64_t padding;  // extra elements per row of A, B and C
   bool shifted;     // views start one element into their rows: pointers only dtype-aligned
   float alpha, beta;
+  int sm_count = 0;  // Exec::sm_count: products sized for fewer SMs (another branch beside)
 };
 
 std::string case_name(const GemmCase& g) {
@@ -28,6 +29,7 @@ std::string case_name(const GemmCase& g) {
   if (g.shifted) s += "_shifted";
   s += g.beta == 0.0f ? "_beta0" : "_beta1";
   if (g.alpha != 1.0f) s += "_alpha";
+  if (g.sm_count) s += "_sm" + std::to_string(g.sm_count);
   return s;
 }
 
@@ -66,8 +68,10 @@ TEST_P(GemmCuda, MatchesDoubleProduct) {
 
   DeviceBuffer ws(cuda::gemm_workspace_bytes());
   CudaStream stream;
+  Exec exec = cuda_exec(stream.get());
+  exec.sm_count = g.sm_count;
   cuda::gemm(shifted_view(da, g.shifted), g.trans_a, shifted_view(db, g.shifted), g.trans_b,
-             shifted_view(dc, g.shifted), g.alpha, g.beta, ws.buffer(), cuda_exec(stream.get()));
+             shifted_view(dc, g.shifted), g.alpha, g.beta, ws.buffer(), exec);
   stream.synchronize();
   const HostTensor got = download(dc);
 
@@ -117,6 +121,11 @@ std::vector<GemmCase> gemm_cases() {
   for (DType ab : {DType::bf16, DType::f16}) {
     cases.push_back({ab, DType::f32, false, true, 37, 53, 129, 0, false, 1.0f, 0.0f});
     cases.push_back({ab, DType::f32, true, false, 37, 53, 129, 2, false, 1.0f, 1.0f});
+  }
+  // Sized for a few SMs, as the layer's MLP is while the expert branch runs beside it.
+  for (DType ab : {DType::bf16, DType::f32}) {
+    cases.push_back({ab, ab, false, true, 257, 129, 300, 0, false, 1.0f, 0.0f, 16});
+    cases.push_back({ab, ab, true, false, 130, 520, 96, 0, false, 1.0f, 1.0f, 1});
   }
   return cases;
 }

@@ -83,13 +83,15 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 
 struct RowSpec {
-  RowSpec(const char* n, const char* g, Work w, std::function<void(int)> f, std::string note_ = "")
-      : name(n), group(g), work(w), fn(std::move(f)), note(std::move(note_)) {}
+  RowSpec(const char* n, const char* g, Work w, std::function<void(int)> f, std::string note_ = "",
+          bool graph_ = false)
+      : name(n), group(g), work(w), fn(std::move(f)), note(std::move(note_)), graph(graph_) {}
   const char* name;
   const char* group;
   Work work;
   std::function<void(int)> fn;
   std::string note;
+  bool graph;  // time replays of fn(0) captured in a CUDA graph
 };
 
 Row time_row(Platform& p, const RowSpec& spec, int warmup, int iters, size_t index, size_t count) {
@@ -103,7 +105,8 @@ Row time_row(Platform& p, const RowSpec& spec, int warmup, int iters, size_t ind
   std::fflush(stderr);
   const auto start = std::chrono::steady_clock::now();
   try {
-    row.samples_ms = p.time_ms(spec.fn, warmup, iters);
+    row.samples_ms = spec.graph ? p.time_graph_ms(spec.fn, warmup, iters)
+                                : p.time_ms(spec.fn, warmup, iters);
     p.synchronize();
   } catch (const std::exception& e) {
     row.error = e.what();
@@ -169,6 +172,13 @@ RunReport bench_one(Platform& p, const BenchConfig& c, const BenchOptions& o) {
          layer_forward(l, s.x, s.weights, s.norm, true, b.y, s.saved, b.workspace, exec);
          layer_backward(l, s.x, s.weights, true, s.saved, s.dy, b.dx, b.grads, b.workspace, exec);
        }});
+  if (p.device().type == DeviceType::cuda) {
+    // The same two calls replayed from a CUDA graph: device time without launch overhead.
+    specs.push_back({"layer forward, CUDA graph", "layer", w.layer_forward, specs[0].fn,
+                     "set 0 captured once, replayed", true});
+    specs.push_back({"layer forward+backward, CUDA graph", "layer", w.layer_forward_backward,
+                     specs[1].fn, "set 0 captured once, replayed", true});
+  }
   specs.push_back({"router forward", "op", w.router_forward, [&](int i) {
                      InputSet& s = set(i);
                      router_forward(l, s.x, s.weights.router, s.norm, true, s.views.routing,

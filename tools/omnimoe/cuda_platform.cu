@@ -186,6 +186,37 @@ class CudaPlatform final : public Platform {
     return samples;
   }
 
+  std::vector<double> time_graph_ms(const std::function<void(int)>& fn, int warmup,
+                                    int iters) override {
+    fn(0);  // first use outside the capture: plans, handles and side streams are created here
+    TOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    cudaGraph_t graph = nullptr;
+    TOOL_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      fn(0);
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
+    TOOL_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    cudaGraphExec_t exec = nullptr;
+    // Node priorities (the layer's expert branch runs on a high-priority stream) are kept.
+    const cudaError_t err =
+        cudaGraphInstantiateWithFlags(&exec, graph, cudaGraphInstantiateFlagUseNodePriority);
+    cudaGraphDestroy(graph);
+    TOOL_CUDA_CHECK(err);
+    try {
+      auto samples = time_ms([&](int) { TOOL_CUDA_CHECK(cudaGraphLaunch(exec, stream_)); },
+                             warmup, iters);
+      cudaGraphExecDestroy(exec);
+      return samples;
+    } catch (...) {
+      cudaGraphExecDestroy(exec);
+      throw;
+    }
+  }
+
   Ceilings measure_ceilings(DType dtype) override {
     Ceilings c;
     try {

@@ -53,6 +53,11 @@ class Platform {
   // `iters` calls in milliseconds (device time on a GPU).
   virtual std::vector<double> time_ms(const std::function<void(int)>& fn, int warmup,
                                       int iters) = 0;
+  // Captures fn(0) once into a CUDA graph and times `iters` replays after `warmup`: the device
+  // time without the host's launch overhead. Throws omnimoe::Error where there are no graphs.
+  virtual std::vector<double> time_graph_ms(const std::function<void(int)>&, int, int) {
+    throw Error("CUDA graph rows need a CUDA device");
+  }
 
   virtual Ceilings measure_ceilings(DType dtype) { return {}; }
 
