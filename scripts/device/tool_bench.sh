@@ -32,7 +32,7 @@ for t in memcheck racecheck; do
 done
 
 for c in "${configs[@]}"; do
-  timeout 150 $tool bench --device cuda --config "$c" --warmup 3 --iters 10 \
+  timeout 150 $tool bench --device cuda --config "$c" --warmup 5 --iters 20 \
     --json "/tmp/omnimoe_json/$c.json" >> "$OUT/bench.txt" 2>> "$OUT/bench_progress.log"
   echo "bench $c: rc $? at $(( $(date +%s) - start )) s"
 done

@@ -1,16 +1,18 @@
 // Dense-masked execution of the atomic experts, for dense routings (K/N of a few percent), where
 // the products over all N experts on the tensor cores (cuBLASLt) cost less than the sparse
-// kernels: per chunk of tokens, S = X W^T over all experts (fp32), the chosen entries picked out
-// into a zeroed [tokens, N] coefficient matrix A (g * act(S), storage dtype), then y = A V.
-// Backward likewise: S = dY V^T, DA and G = g*h scattered per pair, dx = DA W, dW = DA^T X,
-// dV = G^T dY, with DA split into high and low storage-dtype parts (two products each) so the
-// coefficient keeps ~16 mantissa bits. Tokens run in chunks so that the [chunk, N] buffers stay
-// within ~512 MiB; dW and dV are summed over chunks in fp32 buffers in chunk order and rounded
-// once (deterministic: fixed GEMM configurations, no atomics).
-// Assumes distinct experts per token (what the router returns): a repeated id keeps one pair.
+// kernels. Forward, per chunk of tokens: S = X_c W^T over all experts (fp32), a fill kernel
+// writes preact and the [tokens, N] coefficient matrix A = g * act(S) at the chosen entries and
+// zeros elsewhere (storage dtype), then y_c = A V. Backward, per chunk of experts [e0, e1):
+// S = dY V_c^T ([T, Nc] fp32), a fill kernel writes dgates and the [T, Nc] matrices DA =
+// g * s * act'(preact) (as high and low storage-dtype parts: their sum keeps ~16 mantissa bits)
+// and G = g * h; dx += DA_high W_c (fp32 over chunks, rounded once), dW_c = [DA_high; DA_low]^T
+// [X; X] (one product, the inner dimension doubled) and dV_c = G^T dY, each written once.
+// Chunk matrices take at most ~512 MiB. Deterministic (fixed GEMM configurations, chunks in
+// order, no atomics). Assumes distinct experts per token (what the router returns).
 // bf16 and f16 only: f32 storage would need FP32 GEMMs (no TF32: the CPU is the oracle) at about
 // 1/15 of the bf16 rate, where the gather path wins.
-// OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS caps the chunk (tests reach several chunks with it).
+// OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS (forward) and OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS (backward)
+// cap the chunks (tests reach many chunks with them).
 // Arguments are those of cuda::experts_forward / experts_backward (backend_ops.inc), already
 // validated. No allocation (workspace sized by the queries), no host synchronisation.
 #pragma once

@@ -1,7 +1,8 @@
 // Router backward on the device.
 //  1. Per token (one CTA): dS from dgates; dS scattered onto the row and column log-probs in
 //     shared memory as 64-bit fixed point (integer atomics: the sum is exact and independent of
-//     the order, so the result is deterministic); log_softmax backward per axis.
+//     the order, so the result is deterministic); log_softmax backward per axis. For K <= 32 and
+//     axes of up to 1024, a warp per token instead (registers only, sums in slot order).
 //  2. Batch-norm backward: per-logit sums over the tokens in a fixed order (training), or the
 //     scale by rstd (evaluation); written as dL = [dL_r | dL_c] in the GEMM's compute type.
 //  3. grads.row = dL_r^T x, grads.col = dL_c^T x, dx (+)= dL [W_r; W_c] in one GEMM.
@@ -16,6 +17,7 @@
 #include "cuda/gemm.h"
 #include "cuda/router_common.cuh"
 #include "cuda/router_norm.cuh"
+#include "cuda/router_warp_row.cuh"
 
 namespace omnimoe::cuda {
 namespace {
@@ -173,8 +175,79 @@ __global__ void __launch_bounds__(kDlogitsThreads)
   }
 }
 
-// dL[t, c] in the compute type: batch-norm backward of dz (two dense f32 [T, n] halves).
-template <typename CT>
+// The same for K <= 32 and axes of up to 1024, a warp per token and no shared memory. dlogp is
+// zero but at the K rows (columns) of the selection, so dz = -softmax(z) * S everywhere (S = the
+// sum of the K dS), written densely, then at those rows dlogp - softmax(z) * S, with dlogp the sum
+// of the row's dS in slot order (every lane of a row computes the same value).
+constexpr int kDlogitsWarps = 8;
+
+template <int kItems, bool kVec>
+__global__ void __launch_bounds__(kDlogitsWarps * 32)
+    dlogits_warp_kernel(int64_t tokens, int nr, int nc, int k, bool joint,
+                        const int32_t* __restrict__ indices, const float* __restrict__ gates,
+                        const float* __restrict__ dgates, const float* __restrict__ z_r,
+                        const float* __restrict__ z_c, float* __restrict__ dz_r,
+                        float* __restrict__ dz_c) {
+  using Row = WarpRow<kItems, kVec>;
+  const int lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kDlogitsWarps + (threadIdx.x >> 5);
+  if (t >= tokens) return;  // whole warps; no block barrier follows
+  const uint32_t n_experts = static_cast<uint32_t>(nr) * static_cast<uint32_t>(nc);
+  float g = 0.0f, dg = 0.0f;
+  uint32_t id = 0xffffffffu;
+  if (lane < k) {
+    g = gates[t * k + lane];
+    dg = dgates[t * k + lane];
+    id = static_cast<uint32_t>(indices[t * k + lane]);
+  }
+  const float sgd = joint ? 0.0f : warp_sum(g * dg);
+  const bool valid = id < n_experts;  // an id out of range contributes nothing
+  const float ds = valid ? gate_grad(&g, &dg, 0, sgd, joint) : 0.0f;
+  const float total = warp_sum(ds);
+  const int r = valid ? static_cast<int>(id / static_cast<uint32_t>(nc)) : -1;
+  const int c = valid ? static_cast<int>(id - static_cast<uint32_t>(r) * nc) : -1;
+  float sum_r = 0.0f, sum_c = 0.0f;
+  for (int b = 0; b < k; ++b) {
+    const float vb = __shfl_sync(0xffffffffu, ds, b);
+    const int rb = __shfl_sync(0xffffffffu, r, b), cb = __shfl_sync(0xffffffffu, c, b);
+    if (rb == r) sum_r += vb;
+    if (cb == c) sum_c += vb;
+  }
+#pragma unroll 1
+  for (int a = 0; a < 2; ++a) {
+    const int n = a == 0 ? nr : nc;
+    const float* z = (a == 0 ? z_r : z_c) + t * n;
+    float* dz = (a == 0 ? dz_r : dz_c) + t * n;
+    float v[kItems];
+    Row::load(z, n, lane, v);
+    const float lse = Row::log_sum_exp(v, n, lane);  // as the forward's log_softmax
+#pragma unroll
+    for (int q = 0; q < kItems; ++q) v[q] = -(expf(v[q] - lse) * total);
+    Row::store(dz, n, lane, v);
+    __syncwarp();  // the dense values are in memory before the selected ones replace them
+    const int j = a == 0 ? r : c;
+    if (valid) dz[j] = (a == 0 ? sum_r : sum_c) - expf(z[j] - lse) * total;
+  }
+}
+
+// kWidth floats from p (kWidth = 4: one aligned float4).
+template <int kWidth>
+__device__ __forceinline__ void load_floats(const float* __restrict__ p, float (&v)[kWidth]) {
+  if constexpr (kWidth == 4) {
+    const float4 x = *reinterpret_cast<const float4*>(p);
+    v[0] = x.x;
+    v[1] = x.y;
+    v[2] = x.z;
+    v[3] = x.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) v[i] = p[i];
+  }
+}
+
+// dL[t, c] in the compute type: batch-norm backward of dz (two dense f32 [T, n] halves). A thread
+// takes kWidth adjacent columns of one half (kWidth = 4: N_r and N_c multiples of 4).
+template <typename CT, int kWidth>
 __global__ void norm_backward_kernel(int64_t tokens, int nr, int nc, int mode,
                                      const float* __restrict__ dz_r,
                                      const float* __restrict__ dz_c, const float* __restrict__ z_r,
@@ -184,24 +257,39 @@ __global__ void norm_backward_kernel(int64_t tokens, int nr, int nc, int mode,
                                      const float* __restrict__ sum_dy,
                                      const float* __restrict__ sum_dyy, CT* __restrict__ dl) {
   const int columns = nr + nc;
-  const int64_t n = tokens * columns;
+  const int groups_r = nr / kWidth, groups = columns / kWidth;
+  const int64_t n = tokens * groups;
   const float inv_t = 1.0f / static_cast<float>(tokens);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / columns;
-    const int c = static_cast<int>(i - t * columns);
-    const bool first = c < nr;
-    const int j = first ? c : c - nr;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < n;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = g / groups;
+    const int cg = static_cast<int>(g - t * groups);
+    const bool first = cg < groups_r;
+    const int j = (first ? cg : cg - groups_r) * kWidth;  // column in its half
+    const int c = first ? j : nr + j;                     // column of dL
     const int64_t at = t * (first ? nr : nc) + j;
-    const float dy = first ? dz_r[at] : dz_c[at];
-    float v = dy;
-    if (mode == 1) {  // batch norm, evaluation: z = (l - running mean) * rstd
-      v = dy * (first ? rstd_r[j] : rstd_c[j]);
-    } else if (mode == 2) {  // batch norm, training: full backward through the batch statistics
-      const float y = first ? z_r[at] : z_c[at];
-      v = (first ? rstd_r[j] : rstd_c[j]) * (dy - sum_dy[c] * inv_t - y * sum_dyy[c] * inv_t);
+    float v[kWidth];
+    load_floats<kWidth>((first ? dz_r : dz_c) + at, v);
+    if (mode != 0) {
+      float r[kWidth];
+      load_floats<kWidth>((first ? rstd_r : rstd_c) + j, r);
+      if (mode == 1) {  // batch norm, evaluation: z = (l - running mean) * rstd
+#pragma unroll
+        for (int i = 0; i < kWidth; ++i) v[i] *= r[i];
+      } else {  // batch norm, training: full backward through the batch statistics
+        float y[kWidth], s[kWidth], sy[kWidth];
+        load_floats<kWidth>((first ? z_r : z_c) + at, y);
+        load_floats<kWidth>(sum_dy + c, s);
+        load_floats<kWidth>(sum_dyy + c, sy);
+#pragma unroll
+        for (int i = 0; i < kWidth; ++i) {
+          v[i] = r[i] * (v[i] - s[i] * inv_t - y[i] * sy[i] * inv_t);
+        }
+      }
     }
-    dl[i] = store_float<CT>(v);
+    CT* out = dl + t * columns + c;
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) out[i] = store_float<CT>(v[i]);
   }
 }
 
@@ -292,7 +380,27 @@ void router_backward(const LayerConfig& cfg, const TensorView& x, const RouterWe
   // 1. dz per token.
   const bool joint = cfg.gating == Gating::joint;
   const int k_bits = ceil_log2(k);
-  if (acc_in_shared(cfg)) {
+  if (k <= 32 && nr <= 1024 && nc <= 1024) {
+    const unsigned grid = static_cast<unsigned>(ceil_div(tokens, kDlogitsWarps));
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kDlogitsWarps * 32, 0, stream>>>(
+          tokens, nr, nc, k, joint, static_cast<const int32_t*>(out.indices.data),
+          static_cast<const float*>(out.gates.data), static_cast<const float*>(dgates.data), z_r,
+          z_c, dz_r, dz_c);
+    };
+    const int items = warp_row_items(std::max(nr, nc));
+    if (vector_rows(z_r, nr) && vector_rows(z_c, nc)) {  // dz: workspace, aligned
+      if (items == 4) launch(dlogits_warp_kernel<4, true>);
+      else if (items == 8) launch(dlogits_warp_kernel<8, true>);
+      else if (items == 16) launch(dlogits_warp_kernel<16, true>);
+      else launch(dlogits_warp_kernel<32, true>);
+    } else {
+      if (items == 4) launch(dlogits_warp_kernel<4, false>);
+      else if (items == 8) launch(dlogits_warp_kernel<8, false>);
+      else if (items == 16) launch(dlogits_warp_kernel<16, false>);
+      else launch(dlogits_warp_kernel<32, false>);
+    }
+  } else if (acc_in_shared(cfg)) {
     const size_t smem = static_cast<size_t>(columns) * 8;
     if (smem > 48 * 1024) {
       OMNIMOE_CUDA_CHECK(cudaFuncSetAttribute(dlogits_kernel<true>,
@@ -326,11 +434,23 @@ void router_backward(const LayerConfig& cfg, const TensorView& x, const RouterWe
   const float* rstd_r = static_cast<const float*>(saved.row_rstd.data);
   const float* rstd_c = static_cast<const float*>(saved.col_rstd.data);
   void* dl = ws + L.dl;
+  // 16-byte groups: the halves' rows, rstd and the sums (workspace, aligned) in fours.
+  const bool vec4 = nr % 4 == 0 && nc % 4 == 0 &&
+                    (mode == 0 || ((reinterpret_cast<uintptr_t>(rstd_r) |
+                                    reinterpret_cast<uintptr_t>(rstd_c) |
+                                    reinterpret_cast<uintptr_t>(z_r) |
+                                    reinterpret_cast<uintptr_t>(z_c)) & 15) == 0);
   dispatch_storage(ct, [&](auto tag) {
     using CT = decltype(tag);
-    norm_backward_kernel<CT><<<grid_for(tokens * columns, 256), 256, 0, stream>>>(
-        tokens, nr, nc, mode, dz_r, dz_c, z_r, z_c, rstd_r, rstd_c, sum_dy, sum_dyy,
-        static_cast<CT*>(dl));
+    if (vec4) {
+      norm_backward_kernel<CT, 4><<<grid_for(tokens * columns / 4, 256), 256, 0, stream>>>(
+          tokens, nr, nc, mode, dz_r, dz_c, z_r, z_c, rstd_r, rstd_c, sum_dy, sum_dyy,
+          static_cast<CT*>(dl));
+    } else {
+      norm_backward_kernel<CT, 1><<<grid_for(tokens * columns, 256), 256, 0, stream>>>(
+          tokens, nr, nc, mode, dz_r, dz_c, z_r, z_c, rstd_r, rstd_c, sum_dy, sum_dyy,
+          static_cast<CT*>(dl));
+    }
     OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (batch-norm backward)");
   });
 

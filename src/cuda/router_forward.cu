@@ -1,7 +1,10 @@
 // Router forward on the device: logits by GEMM (f32 output straight into the saved buffers),
-// batch norm over the tokens, log_softmax per axis, then the exact top-K selection and the gates
-// in one kernel per token.
+// batch-norm statistics over the tokens, then either one kernel that normalises, takes
+// log_softmax and selects (small K and axes: a warp per token, the log-probs never leave
+// registers), or a normalise + log_softmax kernel followed by the block selection.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "backend/backend.h"
 #include "cuda/cuda_common.cuh"
@@ -9,6 +12,7 @@
 #include "cuda/router_common.cuh"
 #include "cuda/router_norm.cuh"
 #include "cuda/router_select.cuh"
+#include "cuda/router_warp_row.cuh"
 
 namespace omnimoe::cuda {
 namespace {
@@ -34,7 +38,7 @@ ForwardLayout forward_layout(const LayerConfig& cfg, int64_t tokens, DType dtype
   L.gemm = take(gemm_workspace_bytes());
   L.logp_r = take(static_cast<size_t>(tokens * cfg.grid_rows) * sizeof(float));
   L.logp_c = take(static_cast<size_t>(tokens * cfg.grid_cols) * sizeof(float));
-  L.stats = take(2 * columns * sizeof(double));
+  L.stats = take(norm_stats_bytes(static_cast<int64_t>(columns)));
   L.partials = take(column_partials_bytes(tokens, static_cast<int64_t>(columns)));
   L.select = take(select_workspace_bytes(cfg, tokens));
   // f64 GEMMs write f64 only: their logits pass through here on the way to the f32 saved ones.
@@ -70,12 +74,13 @@ void logits_gemm(const TensorView& x, const TensorView& w, const TensorView& log
   OMNIMOE_CUDA_CHECK_LAUNCH("router_forward (f64 logits)");
 }
 
-// One warp per (token, axis): z = (l - mean) * rstd in fp64 (or l), written back in place as the
+// One warp per (token, axis): z = (l - mean) * rstd (or l), written back in place as the
 // saved normalised logits, then log_softmax(z) = z - (max + log(sum exp(z - max))).
-// stats: mean [N_r + N_c] then rstd [N_r + N_c], fp64; null for router_norm = none.
+// stats: router_norm.cuh's layout; null for router_norm = none.
+// Rows of more than 1024 logits: three passes over memory.
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     normalize_log_softmax_kernel(float* row_logits, float* col_logits, int nr, int nc,
-                                 int64_t tokens, const double* stats, float* logp_r,
+                                 int64_t tokens, const float* stats, float* logp_r,
                                  float* logp_c) {
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -85,13 +90,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int n = cols ? nc : nr;
   float* z = (cols ? col_logits : row_logits) + t * n;
   float* logp = (cols ? logp_c : logp_r) + t * n;
-  const double* mu = stats == nullptr ? nullptr : (cols ? stats + nr : stats);
-  const double* rstd = stats == nullptr ? nullptr : mu + nr + nc;
+  const float* mean_hi = stats == nullptr ? nullptr : (cols ? stats + nr : stats);
+  const float* mean_lo = stats == nullptr ? nullptr : mean_hi + nr + nc;
+  const float* rstd = stats == nullptr ? nullptr : mean_lo + nr + nc;
   float m = -INFINITY;
   for (int j = lane; j < n; j += 32) {
     float v = z[j];
-    if (mu != nullptr) {
-      v = static_cast<float>((static_cast<double>(v) - mu[j]) * rstd[j]);
+    if (mean_hi != nullptr) {
+      v = normalised(v, mean_hi[j], mean_lo[j], rstd[j]);
       z[j] = v;
     }
     m = fmaxf(m, v);
@@ -102,6 +108,76 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   for (int j = lane; j < n; j += 32) s += expf(z[j] - shift);
   const float lse = shift + logf(warp_sum(s));
   for (int j = lane; j < n; j += 32) logp[j] = z[j] - lse;
+}
+
+// The same for rows of up to 1024 logits, held in registers: one read, two writes.
+template <int kItems, bool kVec>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    normalize_log_softmax_rows_kernel(float* row_logits, float* col_logits, int nr, int nc,
+                                      int64_t tokens, const float* stats, float* logp_r,
+                                      float* logp_c) {
+  using Row = WarpRow<kItems, kVec>;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (w >= 2 * tokens) return;
+  const bool cols = w >= tokens;
+  const int64_t t = cols ? w - tokens : w;
+  const int n = cols ? nc : nr;
+  float* z = (cols ? col_logits : row_logits) + t * n;
+  float v[kItems];
+  Row::load(z, n, lane, v);
+  if (stats != nullptr) {
+    const float* mean_hi = cols ? stats + nr : stats;
+    Row::normalise(v, n, lane, mean_hi, mean_hi + nr + nc, mean_hi + 2 * (nr + nc));
+    Row::store(z, n, lane, v);
+  }
+  const float lse = Row::log_sum_exp(v, n, lane);
+#pragma unroll
+  for (int q = 0; q < kItems; ++q) v[q] -= lse;
+  Row::store((cols ? logp_c : logp_r) + t * n, n, lane, v);
+}
+
+void launch_normalize_log_softmax(float* row_logits, float* col_logits, int nr, int nc,
+                                  int64_t tokens, const float* stats, float* logp_r,
+                                  float* logp_c, cudaStream_t stream) {
+  const int64_t rows = 2 * tokens;
+  const unsigned grid = static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock));
+  const int n = std::max(nr, nc);
+  if (n > 1024) {
+    normalize_log_softmax_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+        row_logits, col_logits, nr, nc, tokens, stats, logp_r, logp_c);
+    OMNIMOE_CUDA_CHECK_LAUNCH("router_forward (normalise, log_softmax)");
+    return;
+  }
+  auto launch = [&](auto kernel) {
+    kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(row_logits, col_logits, nr, nc, tokens,
+                                                    stats, logp_r, logp_c);
+  };
+  const bool vec = vector_rows(row_logits, nr) && vector_rows(col_logits, nc) &&
+                   vector_rows(logp_r, nr) && vector_rows(logp_c, nc);
+  const int items = warp_row_items(n);
+  if (vec) {
+    if (items == 4) launch(normalize_log_softmax_rows_kernel<4, true>);
+    else if (items == 8) launch(normalize_log_softmax_rows_kernel<8, true>);
+    else if (items == 16) launch(normalize_log_softmax_rows_kernel<16, true>);
+    else launch(normalize_log_softmax_rows_kernel<32, true>);
+  } else {
+    if (items == 4) launch(normalize_log_softmax_rows_kernel<4, false>);
+    else if (items == 8) launch(normalize_log_softmax_rows_kernel<8, false>);
+    else if (items == 16) launch(normalize_log_softmax_rows_kernel<16, false>);
+    else launch(normalize_log_softmax_rows_kernel<32, false>);
+  }
+  OMNIMOE_CUDA_CHECK_LAUNCH("router_forward (normalise, log_softmax)");
+}
+
+// OMNIMOE_ROUTER_FORWARD=unfused runs the normalise kernel and the selection apart where they
+// would be fused (to time both; the results are the same).
+bool fused_path_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("OMNIMOE_ROUTER_FORWARD");
+    return v == nullptr || std::strcmp(v, "unfused") != 0;
+  }();
+  return allowed;
 }
 
 }  // namespace
@@ -126,9 +202,9 @@ void router_forward(const LayerConfig& cfg, const TensorView& x, const RouterWei
 
   float* row_logits = static_cast<float*>(saved.row_logits.data);
   float* col_logits = static_cast<float*>(saved.col_logits.data);
-  const double* stats = nullptr;
+  const float* stats = nullptr;
   if (cfg.router_norm == RouterNorm::batch) {
-    double* stats_ws = reinterpret_cast<double*>(ws + L.stats);
+    float* stats_ws = reinterpret_cast<float*>(ws + L.stats);
     float* rr = static_cast<float*>(saved.row_rstd.data);
     float* rc = static_cast<float*>(saved.col_rstd.data);
     if (training) {
@@ -150,16 +226,18 @@ void router_forward(const LayerConfig& cfg, const TensorView& x, const RouterWei
 
   float* logp_r = reinterpret_cast<float*>(ws + L.logp_r);
   float* logp_c = reinterpret_cast<float*>(ws + L.logp_c);
-  const int64_t rows = 2 * tokens;
-  normalize_log_softmax_kernel<<<static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock)),
-                                 kWarpsPerBlock * 32, 0, stream>>>(
-      row_logits, col_logits, nr, nc, tokens, stats, logp_r, logp_c);
-  OMNIMOE_CUDA_CHECK_LAUNCH("router_forward (normalise, log_softmax)");
-
-  launch_select(cfg, tokens, logp_r, logp_c, static_cast<int32_t*>(out.indices.data),
-                static_cast<float*>(out.scores.data), static_cast<float*>(out.gates.data),
-                cfg.gating == Gating::joint ? GateMode::joint : GateMode::softmax,
-                ws + L.select, stream);
+  const GateMode mode = cfg.gating == Gating::joint ? GateMode::joint : GateMode::softmax;
+  int32_t* indices = static_cast<int32_t*>(out.indices.data);
+  float* scores = static_cast<float*>(out.scores.data);
+  float* gates = static_cast<float*>(out.gates.data);
+  if (select_fuses_normalise(cfg) && fused_path_allowed()) {
+    launch_normalise_select(cfg, tokens, row_logits, col_logits, stats, logp_r, logp_c, indices,
+                            scores, gates, mode, stream);
+    return;
+  }
+  launch_normalize_log_softmax(row_logits, col_logits, nr, nc, tokens, stats, logp_r, logp_c,
+                               stream);
+  launch_select(cfg, tokens, logp_r, logp_c, indices, scores, gates, mode, ws + L.select, stream);
 }
 
 }  // namespace omnimoe::cuda

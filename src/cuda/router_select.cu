@@ -19,11 +19,17 @@
 //     the float sums of the original log-probabilities (a NaN log-probability gives a NaN score,
 //     ranked as -inf).
 // Sorts are by distinct 64-bit entries (key, id), so every order is unique and deterministic.
+// For K <= 31 and axes of up to 1024 a warp per token does the work (below), and its CTA runs
+// this block algorithm only on the tokens whose ties it cannot settle.
 #include "backend/backend.h"
 #include "cuda/router_common.cuh"
 #include "cuda/router_select.cuh"
+#include "cuda/router_warp_row.cuh"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 namespace omnimoe::cuda::router_detail {
 namespace {
@@ -439,14 +445,15 @@ __device__ __forceinline__ void load_axis(const float* __restrict__ g, int n, fl
   }
 }
 
-template <bool kShared>
-__global__ void __launch_bounds__(kShared ? kMaxThreads : kGlobalThreads, kShared ? 2 : 1)
-    select_topk_kernel(SelectShape sh, int64_t tokens, const float* __restrict__ row_logp,
-                       const float* __restrict__ col_logp, int32_t* __restrict__ indices,
-                       float* __restrict__ scores, float* __restrict__ gates, GateMode mode,
-                       const int* __restrict__ only, char* __restrict__ global_buffers) {
-  extern __shared__ __align__(16) char smem[];
-  char* base = kShared ? smem : global_buffers + static_cast<size_t>(blockIdx.x) * sh.bytes;
+// The block algorithm for token t, its buffers at `base` (the sh.o_* offsets). Reads the token's
+// log-probs first and ends with a barrier: the buffers can take the next token at once.
+__device__ __forceinline__ void select_token_block(const SelectShape& sh, int64_t t,
+                                                   const float* __restrict__ row_logp,
+                                                   const float* __restrict__ col_logp,
+                                                   int32_t* __restrict__ indices,
+                                                   float* __restrict__ scores,
+                                                   float* __restrict__ gates, GateMode mode,
+                                                   char* base) {
   Scratch* sc = reinterpret_cast<Scratch*>(base + sh.o_scratch);
   uint32_t* keys_r = reinterpret_cast<uint32_t*>(base + sh.o_keys_r);
   uint32_t* keys_c = reinterpret_cast<uint32_t*>(base + sh.o_keys_c);
@@ -469,8 +476,7 @@ __global__ void __launch_bounds__(kShared ? kMaxThreads : kGlobalThreads, kShare
   const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
   const int nr = sh.nr, nc = sh.nc, k = sh.k, ra = sh.ra, rb = sh.rb;
 
-  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    if (only != nullptr && only[t] == 0) continue;  // done by the warp kernel
+  {
     load_axis(row_logp + t * nr, nr, vals_r, keys_r);
     load_axis(col_logp + t * nc, nc, vals_c, keys_c);
     __syncthreads();
@@ -611,184 +617,469 @@ __global__ void __launch_bounds__(kShared ? kMaxThreads : kGlobalThreads, kShare
   }
 }
 
+template <bool kShared>
+__global__ void __launch_bounds__(kShared ? kMaxThreads : kGlobalThreads, kShared ? 2 : 1)
+    select_topk_kernel(SelectShape sh, int64_t tokens, const float* __restrict__ row_logp,
+                       const float* __restrict__ col_logp, int32_t* __restrict__ indices,
+                       float* __restrict__ scores, float* __restrict__ gates, GateMode mode,
+                       char* __restrict__ global_buffers) {
+  extern __shared__ __align__(16) char smem[];
+  char* base = kShared ? smem : global_buffers + static_cast<size_t>(blockIdx.x) * sh.bytes;
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    select_token_block(sh, t, row_logp, col_logp, indices, scores, gates, mode, base);
+  }
+}
+
+// The block algorithm called from the warp kernels for the rare token they leave (ties): kept
+// out of line, so that the warp kernels stay small.
+__device__ __noinline__ void select_token_fallback(const SelectShape& sh, int64_t t,
+                                                   const float* row_logp, const float* col_logp,
+                                                   int32_t* indices, float* scores, float* gates,
+                                                   GateMode mode, char* base) {
+  select_token_block(sh, t, row_logp, col_logp, indices, scores, gates, mode, base);
+}
+
 
 // ---------------------------------------------------------------------------------------------
-// Small K (K + 1 <= 32 entries per axis, N_r and N_c <= 1024): one warp per token, keys in
-// registers, no block barriers. Same algorithm; a token it cannot finish this way (more than
-// kWarpCandidates candidates on an axis, or ties at tau that need the id order) is flagged and
-// done by the block kernel afterwards.
+// Small K (K <= 31, N_r and N_c <= 1024): one warp per token, the rows in registers.
+//  1. Per axis, the top L = K + 1 entries: the L-th largest lane maximum (for L > 16, of the
+//     lanes' two largest values) bounds the L-th largest value from below; the few values at or
+//     above it are ranked in shared memory.
+//  2. The pairs of sorted ranks (i, j) with (i + 1)(j + 1) <= K (the staircase, about K ln K
+//     pairs) are ranked by (score desc, id asc). Without ties every pair of the top K is there:
+//     the pairs it dominates score at least as much and are also in the top K.
+//  3. The first K are the answer when the (K+1)-th of the staircase scores below the K-th (tau)
+//     and no pair just outside it (i, floor(K / (i + 1))), which dominates every pair outside,
+//     reaches tau. Otherwise (ties whose id order decides), or with more than kWarpCandidates
+//     values at the bound of an axis, the CTA runs the block algorithm on the token.
+// The fused variant first normalises the logits in place (batch norm), then takes log_softmax.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kWarpMaxK = 31;
 constexpr int kWarpMaxAxis = 1024;
-constexpr int kWarpsPerCta = 4;
+constexpr int kWarpsPerCta = 4;  // 128 threads: also the block algorithm's count for K <= 64
 constexpr int kWarpCandidates = 64;
+constexpr int kStairSlots = 4;  // staircase pairs per lane: sum_{i <= 31} floor(31 / i) = 113
+constexpr unsigned kFull = 0xffffffffu;
 
 struct WarpBuffers {
-  uint64_t cand[kWarpCandidates];
-  uint64_t out[32];
-  uint64_t sorted[32];
-  float rv_r[32], rv_c[32];
-  int rid_r[32], rid_c[32];
+  union {
+    struct {
+      uint64_t cand[2][kWarpCandidates];  // per axis: (key, index) at or above the bound
+      float cand_val[2][kWarpCandidates];  // their log-probs
+    } axis;
+    struct {
+      uint64_t entry[32 * kStairSlots];  // (pair key, expert id)
+      float score[32 * kStairSlots];
+    } stair;
+  };
+  float list_rank[2][32];  // per axis, by sorted rank: the ranked value (NaN as -inf)
+  float list_val[2][32];   // the log-prob
+  int list_id[2][32];      // the index
+  uint64_t sorted[32];     // the staircase's first K + 1 entries, in order
+  float sorted_score[32];
 };
 
 // The float a key stands for (NaN was ranked as -inf and -0 as +0: the rank value).
 __device__ __forceinline__ float key_value(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
-
-__device__ __forceinline__ unsigned lanes_below() {
-  return (1u << (threadIdx.x & 31)) - 1u;
+__device__ __forceinline__ uint32_t entry_key(uint64_t e) {
+  return ~static_cast<uint32_t>(e >> 32);
 }
 
-// The top l entries of an axis of n <= 32 * kItems values into rv / rid (sorted); false when
-// more than kWarpCandidates keys reach the filter (ties): the token goes to the block kernel.
-template <int kItems>
-__device__ bool warp_axis_top(const float* __restrict__ g, int n, int l, uint64_t* cand,
-                              float* rv, int* rid) {
+// Whether a value is at or above an axis's bound thr (-inf: every entry of the row, NaN too).
+__device__ __forceinline__ bool at_bound(float v, float thr, bool valid) {
+  return valid && (thr == -INFINITY || v >= thr);
+}
+
+// Ranks of the entries e[0, kSlots) among buf[0, n) (entries are distinct).
+template <int kSlots>
+__device__ __forceinline__ void count_below(const uint64_t* buf, int n, const uint64_t (&e)[4],
+                                            int (&r)[4]) {
+  for (int c = 0; c < n; ++c) {
+    const uint64_t o = buf[c];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) r[s] += o < e[s];
+  }
+}
+
+// The candidates of one axis from its log-probs v (NaN past the row of n): the values at or above
+// the l-th largest lane maximum, appended to cand / cand_val as (key, index) entries when there
+// are at most kWarpCandidates. Returns their number. The few appended are read again from
+// memory, v = row[i] - shift as v was made, so that v need not stay in registers.
+template <int kItems, bool kVec>
+__device__ __forceinline__ int axis_candidates(const float (&v)[kItems], const float* row,
+                                               float shift, int n, int l, uint64_t* cand,
+                                               float* cand_val) {
+  using Row = WarpRow<kItems, kVec>;
   const int lane = threadIdx.x & 31;
-  uint32_t key[kItems];
-  uint32_t m = 0;
+  float x = -INFINITY;
 #pragma unroll
-  for (int q = 0; q < kItems; ++q) {
-    const int i = q * 32 + lane;
-    key[q] = i < n ? order_key(__ldg(g + i)) : 0u;  // real keys are > 0
-    m = max(m, key[q]);
-  }
-  // The l-th largest lane maximum bounds the l-th largest key from below (l <= 32 lanes).
-  uint32_t t = 1;
-  if (l < n) {
-    t = 0;
+  for (int q = 0; q < kItems; ++q) x = fmaxf(x, v[q]);  // NaN skipped: it ranks as -inf
+  float thr = -INFINITY;  // -inf: every entry of the row
+  if (l < n && l <= 16) {
+    // The l-th largest lane maximum, by a bitonic sort of the maxima (descending).
+#pragma unroll
+    for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+      for (int stride = size >> 1; stride > 0; stride >>= 1) {
+        const float y = __shfl_xor_sync(kFull, x, stride);
+        x = ((lane & stride) == 0) == ((lane & size) == 0) ? fmaxf(x, y) : fminf(x, y);
+      }
+    }
+    thr = __shfl_sync(kFull, x, l - 1);
+  } else if (l < n) {
+    // For l > 16 the l-th lane maximum is too low a bound (near the smallest maximum): the l-th
+    // largest of the lanes' two largest values instead, by a bitwise search over their keys. A
+    // lane's second value is -inf when it has no second (a bound of -inf takes every entry).
+    float m1 = -INFINITY, m2 = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < kItems; ++q) {
+      const float w = v[q] != v[q] ? -INFINITY : v[q];  // NaN (and past the row) as -inf
+      m2 = fmaxf(m2, fminf(m1, w));
+      m1 = fmaxf(m1, w);
+    }
+    const uint32_t k1 = order_key(m1), k2 = order_key(m2);
+    uint32_t key = 0;
     for (int bit = 31; bit >= 0; --bit) {
-      const uint32_t c = t | (1u << bit);
-      if (__popc(__ballot_sync(0xffffffffu, m >= c)) >= l) t = c;
+      const uint32_t c = key | (1u << bit);
+      const int at_least =
+          __popc(__ballot_sync(kFull, k1 >= c)) + __popc(__ballot_sync(kFull, k2 >= c));
+      if (at_least >= l) key = c;
     }
+    thr = key_value(key);
   }
-  int local = 0;
-#pragma unroll
-  for (int q = 0; q < kItems; ++q) local += key[q] >= t;
-  const int total = __reduce_add_sync(0xffffffffu, local);
-  if (total > kWarpCandidates) return false;
-  int base = 0;
+  const bool all = thr == -INFINITY;
+  uint32_t mask = 0;  // this lane's items at the bound
 #pragma unroll
   for (int q = 0; q < kItems; ++q) {
-    const bool p = key[q] >= t;
-    const unsigned mask = __ballot_sync(0xffffffffu, p);
-    if (p) cand[base + __popc(mask & lanes_below())] = make_entry(key[q], q * 32 + lane);
-    base += __popc(mask);
+    const bool p = all ? Row::valid(q, lane, n) : v[q] >= thr;  // NaN past the row fails >=
+    mask |= static_cast<uint32_t>(p) << q;
   }
-  __syncwarp();
-  for (int c = lane; c < total; c += 32) {
-    const uint64_t e = cand[c];
-    int r = 0;
-    for (int c2 = 0; c2 < total; ++c2) r += cand[c2] < e;
-    if (r < l) {
-      rv[r] = key_value(~static_cast<uint32_t>(e >> 32));
-      rid[r] = static_cast<int>(entry_id(e));
+  const int mine = __popc(mask);
+  const int total = __reduce_add_sync(kFull, mine);
+  if (total > kWarpCandidates) return total;
+  int end = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFull, end, o);
+    if (lane >= o) end += y;
+  }
+  int pos = end - mine;
+  while (mask != 0) {
+    const int q = __ffs(mask) - 1;
+    mask &= mask - 1;
+    const int i = Row::index(q, lane);
+    const float x = row[i] - shift;
+    cand[pos] = make_entry(order_key(x), static_cast<uint32_t>(i));
+    cand_val[pos] = x;
+    ++pos;
+  }
+  return total;
+}
+
+// The selection of one token from both axes' candidates in b (at most kWarpCandidates each).
+// False, with nothing written, when the block algorithm must decide.
+__device__ __forceinline__ bool warp_select_pairs(int nr, int nc, int k, int total_r, int total_c,
+                                                  int64_t t, WarpBuffers& b,
+                                                  int32_t* __restrict__ indices,
+                                                  float* __restrict__ scores,
+                                                  float* __restrict__ gates, GateMode mode) {
+  const int lane = threadIdx.x & 31;
+  const int total[2] = {total_r, total_c};
+  const int l[2] = {min(nr, k + 1), min(nc, k + 1)};
+  __syncwarp();  // the candidates are in shared memory
+
+  // 1. Per axis the top l candidates by rank: the sorted lists.
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    const uint64_t* cand = b.axis.cand[a];
+    uint64_t e[4] = {lane < total[a] ? cand[lane] : kPadEntry,
+                     lane + 32 < total[a] ? cand[lane + 32] : kPadEntry, kPadEntry, kPadEntry};
+    int r[4] = {0, 0, 0, 0};
+    count_below<2>(cand, total[a], e, r);
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      if (e[s] != kPadEntry && r[s] < l[a]) {
+        b.list_rank[a][r[s]] = key_value(entry_key(e[s]));
+        b.list_val[a][r[s]] = b.axis.cand_val[a][lane + 32 * s];
+        b.list_id[a][r[s]] = static_cast<int>(entry_id(e[s]));
+      }
+    }
+  }
+  __syncwarp();  // the lists are complete; the candidates' space takes the staircase
+  float rank[2], val[2];
+  int id[2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    const bool in = lane < l[a];
+    rank[a] = in ? b.list_rank[a][lane] : -INFINITY;
+    val[a] = in ? b.list_val[a][lane] : 0.0f;
+    id[a] = in ? b.list_id[a][lane] : 0;
+  }
+
+  // 2. The staircase: row i (lane i) holds its first min(N_c, K / (i + 1)) columns.
+  const int ra = min(nr, k);
+  const int width = lane < ra ? min(nc, k / (lane + 1)) : 0;
+  int end = width;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFull, end, o);
+    if (lane >= o) end += y;
+  }
+  const int start = end - width;
+  const int count = __shfl_sync(kFull, end, 31);
+  uint64_t e[4];
+  float sc[4];
+#pragma unroll
+  for (int s = 0; s < kStairSlots; ++s) {
+    e[s] = kPadEntry;
+    sc[s] = 0.0f;
+    if (s * 32 < count) {  // warp-uniform
+      const int c = s * 32 + lane;
+      int i = 0;  // the last row starting at or before c
+#pragma unroll
+      for (int step = 16; step > 0; step >>= 1) {
+        if (__shfl_sync(kFull, start, i + step) <= c) i += step;
+      }
+      const int j = (c - __shfl_sync(kFull, start, i)) & 31;
+      const float kr = __shfl_sync(kFull, rank[0], i), kc = __shfl_sync(kFull, rank[1], j);
+      const float vr = __shfl_sync(kFull, val[0], i), vc = __shfl_sync(kFull, val[1], j);
+      const int ir = __shfl_sync(kFull, id[0], i), ic = __shfl_sync(kFull, id[1], j);
+      if (c < count) {
+        e[s] = make_entry(sum_key(kr, kc),
+                          static_cast<uint32_t>(ir) * static_cast<uint32_t>(nc) +
+                              static_cast<uint32_t>(ic));
+        sc[s] = __fadd_rn(vr, vc);
+      }
+      b.stair.entry[c] = e[s];
+      b.stair.score[c] = sc[s];
     }
   }
   __syncwarp();
+  int r[4] = {0, 0, 0, 0};
+  if (count <= 64) {
+    count_below<2>(b.stair.entry, count, e, r);
+  } else {
+    count_below<4>(b.stair.entry, count, e, r);
+  }
+#pragma unroll
+  for (int s = 0; s < kStairSlots; ++s) {
+    if (e[s] != kPadEntry && r[s] <= k) {
+      b.sorted[r[s]] = e[s];
+      b.sorted_score[r[s]] = sc[s];
+    }
+  }
+  __syncwarp();
+
+  // 3. Exact unless a tie at tau could reach outside the first K.
+  const uint32_t tau = entry_key(b.sorted[k - 1]);
+  const bool tie = count > k && entry_key(b.sorted[k]) == tau;
+  const int fj = k / (lane + 1);  // row `lane`'s first column outside the staircase
+  const float fc = __shfl_sync(kFull, rank[1], fj & 31);
+  const bool reach = lane <= min(k, nr - 1) && fj < nc && sum_key(rank[0], fc) >= tau;
+  if (__any_sync(kFull, tie || reach)) return false;
+
+  float score = -INFINITY;
+  if (lane < k) {
+    score = b.sorted_score[lane];
+    indices[t * k + lane] = static_cast<int32_t>(entry_id(b.sorted[lane]));
+    scores[t * k + lane] = score;
+  }
+  if (mode == GateMode::joint) {
+    if (lane < k) gates[t * k + lane] = expf(score);
+  } else if (mode == GateMode::softmax) {
+    const float m = warp_max(score);
+    const float shift = isfinite(m) ? m : 0.0f;
+    const float ex = lane < k ? expf(score - shift) : 0.0f;
+    const float inv = 1.0f / warp_sum(ex);
+    if (lane < k) gates[t * k + lane] = ex * inv;
+  }
   return true;
 }
 
-template <int kItems>
-__global__ void __launch_bounds__(kWarpsPerCta * 32, 1)
-    select_topk_warp_kernel(int nr, int nc, int k, int64_t tokens,
-                            const float* __restrict__ row_logp,
-                            const float* __restrict__ col_logp, int32_t* __restrict__ indices,
-                            float* __restrict__ scores, float* __restrict__ gates,
-                            GateMode mode, int* __restrict__ redo) {
-  __shared__ WarpBuffers buffers[kWarpsPerCta];
-  const int lane = threadIdx.x & 31;
-  WarpBuffers& b = buffers[threadIdx.x >> 5];
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5);
-  if (t >= tokens) return;
-  const float* gr = row_logp + t * nr;
-  const float* gc = col_logp + t * nc;
-  const int lr = min(nr, k + 1), lc = min(nc, k + 1), ra = min(nr, k), rb = min(nc, k);
-  bool ok = warp_axis_top<kItems>(gr, nr, lr, b.cand, b.rv_r, b.rid_r) &&
-            warp_axis_top<kItems>(gc, nc, lc, b.cand, b.rv_c, b.rid_c);
-  if (ok) {
-    const uint32_t tau = search_tau(sum_key(b.rv_r[ra - 1], b.rv_c[rb - 1]),
-                                    sum_key(b.rv_r[0], b.rv_c[0]), b.rv_r, ra, b.rv_c, rb, k,
-                                    lane, 32, true, nullptr);
-    // Row `lane`: columns [0, gi) above tau, [gi, gi + ei) at tau.
-    int gi = 0, ei = 0;
-    if (lane < ra) {
-      gi = count_ge(b.rv_r[lane], b.rv_c, rb, tau + 1);
-      ei = count_ge(b.rv_r[lane], b.rv_c, rb, tau) - gi;
-    }
-    const int count_gt = __reduce_add_sync(0xffffffffu, gi);
-    const int count_eq = __reduce_add_sync(0xffffffffu, ei);
-    const bool spill = (nr > ra && sum_key(b.rv_r[ra], b.rv_c[0]) >= tau) ||
-                       (nc > rb && sum_key(b.rv_r[0], b.rv_c[rb]) >= tau);
-    ok = !spill && count_eq == k - count_gt;  // else ties need the id order: block kernel
-    if (ok) {
-      const int mine = gi + ei;
-      int first = mine;  // exclusive scan over the lanes
+struct WarpSelectArgs {
+  SelectShape sh;  // the block algorithm's buffers, for the tokens the warps leave
+  int64_t tokens;
+  const float* row_logp;  // plain: the log-probs [T, N_r]; fused: where the left tokens' go
+  const float* col_logp;
+  float* row_logits;  // fused: the logits [T, N_r], normalised in place
+  float* col_logits;
+  const float* stats;  // fused, batch norm: NormStats layout (mean_hi, mean_lo, rstd)
+  int32_t* indices;
+  float* scores;
+  float* gates;
+  GateMode mode;
+};
+
+// Dynamic shared memory of the warp kernels: the warps' buffers, which the block algorithm's
+// take over after the barrier.
+size_t warp_kernel_smem(const SelectShape& sh) {
+  return std::max(sh.bytes, kWarpsPerCta * sizeof(WarpBuffers));
+}
+
+template <int kItems, bool kVec, bool kFused, int kMinCtas>
+__global__ void __launch_bounds__(kWarpsPerCta * 32, kMinCtas)
+    select_topk_warp_kernel(const __grid_constant__ WarpSelectArgs args) {
+  extern __shared__ __align__(16) char smem[];
+  __shared__ int left[kWarpsPerCta];
+  using Row = WarpRow<kItems, kVec>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  WarpBuffers& b = reinterpret_cast<WarpBuffers*>(smem)[warp];
+  const int nr = args.sh.nr, nc = args.sh.nc, k = args.sh.k, columns = nr + nc;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + warp;
+  bool done = true;
+  if (t < args.tokens) {
+    int total_r = 0, total_c = 0;
+    float lse_r = 0.0f, lse_c = 0.0f;
+    // One axis at a time: a row's values are the largest part of the registers.
+#pragma unroll 1
+    for (int a = 0; a < 2; ++a) {
+      const int n = a == 0 ? nr : nc;
+      float v[kItems];
+      float lse = 0.0f;
+      const float* row;  // where v comes from: v = row - lse
+      if constexpr (kFused) {
+        float* z = a == 0 ? args.row_logits + t * nr : args.col_logits + t * nc;
+        row = z;
+        Row::load(z, n, lane, v);
+        if (args.stats != nullptr) {
+          const float* s = args.stats + (a == 0 ? 0 : nr);
+          Row::normalise(v, n, lane, s, s + columns, s + 2 * columns);
+          Row::store(z, n, lane, v);
+        }
+        lse = Row::log_sum_exp(v, n, lane);
 #pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, first, o);
-        if (lane >= o) first += v;
+        for (int q = 0; q < kItems; ++q) v[q] -= lse;  // NaN past the row stays NaN
+      } else {
+        row = a == 0 ? args.row_logp + t * nr : args.col_logp + t * nc;
+        Row::load(row, n, lane, v);
       }
-      first -= mine;
-      for (int j = 0; j < mine; ++j) {
-        b.out[first + j] = make_entry(sum_key(b.rv_r[lane], b.rv_c[j]),
-                                      static_cast<uint32_t>(b.rid_r[lane]) * nc + b.rid_c[j]);
+      const int total = axis_candidates<kItems, kVec>(v, row, lse, n, min(n, k + 1),
+                                                      b.axis.cand[a], b.axis.cand_val[a]);
+      if (a == 0) {
+        total_r = total;
+        lse_r = lse;
+      } else {
+        total_c = total;
+        lse_c = lse;
       }
-      __syncwarp();
-      if (lane < k) {
-        const uint64_t e = b.out[lane];
-        int r = 0;
-        for (int q = 0; q < k; ++q) r += b.out[q] < e;
-        b.sorted[r] = e;
-      }
-      __syncwarp();
-      float score = -INFINITY;
-      if (lane < k) {
-        const uint32_t id = entry_id(b.sorted[lane]);
-        const uint32_t r = id / static_cast<uint32_t>(nc);
-        score = __fadd_rn(__ldg(gr + r), __ldg(gc + (id - r * nc)));
-        indices[t * k + lane] = static_cast<int32_t>(id);
-        scores[t * k + lane] = score;
-      }
-      if (mode == GateMode::joint) {
-        if (lane < k) gates[t * k + lane] = expf(score);
-      } else if (mode == GateMode::softmax) {
-        const float m = warp_max(score);
-        const float shift = isfinite(m) ? m : 0.0f;
-        const float ex = lane < k ? expf(score - shift) : 0.0f;
-        const float inv = 1.0f / warp_sum(ex);
-        if (lane < k) gates[t * k + lane] = ex * inv;
+    }
+    done = total_r <= kWarpCandidates && total_c <= kWarpCandidates &&
+           warp_select_pairs(nr, nc, k, total_r, total_c, t, b, args.indices, args.scores,
+                             args.gates, args.mode);
+    if (kFused && !done) {  // the block algorithm reads log-probs from memory: the same z - lse
+#pragma unroll 1
+      for (int a = 0; a < 2; ++a) {
+        const int n = a == 0 ? nr : nc;
+        const float lse = a == 0 ? lse_r : lse_c;
+        float z[kItems];
+        Row::load(a == 0 ? args.row_logits + t * nr : args.col_logits + t * nc, n, lane, z);
+#pragma unroll
+        for (int q = 0; q < kItems; ++q) z[q] -= lse;
+        Row::store(const_cast<float*>(a == 0 ? args.row_logp + t * nr : args.col_logp + t * nc),
+                   n, lane, z);
       }
     }
   }
-  if (lane == 0) redo[t] = ok ? 0 : 1;
+  if (lane == 0) left[warp] = done ? 0 : 1;
+  __syncthreads();  // every warp is done with its buffers: the block algorithm may take them
+  for (int w = 0; w < kWarpsPerCta; ++w) {
+    if (left[w] != 0) {  // CTA-uniform
+      select_token_fallback(args.sh, static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + w,
+                            args.row_logp, args.col_logp, args.indices, args.scores, args.gates,
+                            args.mode, smem);
+    }
+  }
 }
 
-// Warp per token for small K and axes; tokens it cannot finish (ties past its reach) are flagged
-// and redone by the block kernel, so results are identical either way.
-constexpr bool kWarpKernelEnabled = true;
-
 bool use_warp_kernel(const LayerConfig& cfg) {
-  return kWarpKernelEnabled && cfg.top_k <= kWarpMaxK && cfg.grid_rows <= kWarpMaxAxis &&
+  return cfg.top_k <= kWarpMaxK && cfg.grid_rows <= kWarpMaxAxis &&
          cfg.grid_cols <= kWarpMaxAxis;
+}
+
+// CTAs per SM the warp kernels of 16 and 32 values per lane are compiled for (the register
+// cap): 6 (80 registers), or 4 (128) or 5 (96) with OMNIMOE_ROUTER_WARP_CTAS=4 or 5, for timing.
+int warp_ctas_per_sm() {
+  static const int ctas = [] {
+    const char* v = std::getenv("OMNIMOE_ROUTER_WARP_CTAS");
+    const int n = v == nullptr ? 0 : std::atoi(v);
+    return n == 4 || n == 5 ? n : 6;
+  }();
+  return ctas;
+}
+
+template <bool kFused>
+void launch_warp_select(const WarpSelectArgs& args, bool vec, cudaStream_t stream) {
+  const SelectShape& sh = args.sh;
+  const unsigned grid = static_cast<unsigned>(ceil_div(args.tokens, kWarpsPerCta));
+  auto launch = [&](auto kernel) {
+    const size_t smem = warp_kernel_smem(sh);
+    if (smem > 48 * 1024) {
+      OMNIMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(smem)));
+    }
+    kernel<<<grid, kWarpsPerCta * 32, smem, stream>>>(args);
+  };
+  auto launch_items = [&](auto vec_tag) {
+    constexpr bool kVec = decltype(vec_tag)::value;
+    const int items = warp_row_items(std::max(sh.nr, sh.nc));
+    const int ctas = warp_ctas_per_sm();
+    if (items == 4) launch(select_topk_warp_kernel<4, kVec, kFused, 4>);
+    else if (items == 8) launch(select_topk_warp_kernel<8, kVec, kFused, 4>);
+    else if (items == 16 && ctas == 4) launch(select_topk_warp_kernel<16, kVec, kFused, 4>);
+    else if (items == 16 && ctas == 5) launch(select_topk_warp_kernel<16, kVec, kFused, 5>);
+    else if (items == 16) launch(select_topk_warp_kernel<16, kVec, kFused, 6>);
+    else if (ctas == 4) launch(select_topk_warp_kernel<32, kVec, kFused, 4>);
+    else if (ctas == 5) launch(select_topk_warp_kernel<32, kVec, kFused, 5>);
+    else launch(select_topk_warp_kernel<32, kVec, kFused, 6>);
+  };
+  if (vec) {
+    launch_items(std::true_type{});
+  } else {
+    launch_items(std::false_type{});
+  }
+  OMNIMOE_CUDA_CHECK_LAUNCH(kFused ? "router_forward (normalise, log_softmax, select)"
+                                   : "router_select_topk (warp per token)");
+}
+
+// 16-byte rows: every lane holds values of both axes (N >= 128) and the rows are aligned.
+bool warp_vector_rows(const SelectShape& sh, const void* a, const void* b) {
+  return sh.nr >= 128 && sh.nc >= 128 && vector_rows(a, sh.nr) && vector_rows(b, sh.nc);
 }
 
 }  // namespace
 
-// Workspace: the warp kernel's redo flags (int [T]), then the global per-CTA buffers.
-size_t redo_bytes(const LayerConfig& cfg, int64_t tokens) {
-  return use_warp_kernel(cfg) ? align16(static_cast<size_t>(tokens) * sizeof(int)) : 0;
+size_t select_workspace_bytes(const LayerConfig& cfg, int64_t tokens) {
+  if (tokens == 0 || use_warp_kernel(cfg)) return 0;
+  const SelectShape sh = make_select_shape(cfg);
+  return fits_shared(sh) ? 0
+                         : static_cast<size_t>(std::min<int64_t>(tokens, kGlobalCtas)) * sh.bytes;
 }
 
-size_t select_workspace_bytes(const LayerConfig& cfg, int64_t tokens) {
-  if (tokens == 0) return 0;
-  const SelectShape sh = make_select_shape(cfg);
-  const size_t global = fits_shared(sh)
-                            ? 0
-                            : static_cast<size_t>(std::min<int64_t>(tokens, kGlobalCtas)) * sh.bytes;
-  return redo_bytes(cfg, tokens) + global;
+bool select_fuses_normalise(const LayerConfig& cfg) { return use_warp_kernel(cfg); }
+
+void launch_normalise_select(const LayerConfig& cfg, int64_t tokens, float* row_logits,
+                             float* col_logits, const float* stats, float* row_logp,
+                             float* col_logp, int32_t* indices, float* scores, float* gates,
+                             GateMode mode, cudaStream_t stream) {
+  if (tokens == 0) return;
+  WarpSelectArgs args{};
+  args.sh = make_select_shape(cfg);
+  args.tokens = tokens;
+  args.row_logp = row_logp;
+  args.col_logp = col_logp;
+  args.row_logits = row_logits;
+  args.col_logits = col_logits;
+  args.stats = stats;
+  args.indices = indices;
+  args.scores = scores;
+  args.gates = gates;
+  args.mode = mode;
+  const bool vec = warp_vector_rows(args.sh, row_logits, col_logits) &&
+                   warp_vector_rows(args.sh, row_logp, col_logp);
+  launch_warp_select<true>(args, vec, stream);
 }
 
 void launch_select(const LayerConfig& cfg, int64_t tokens, const float* row_logp,
@@ -796,27 +1087,18 @@ void launch_select(const LayerConfig& cfg, int64_t tokens, const float* row_logp
                    GateMode mode, void* workspace, cudaStream_t stream) {
   if (tokens == 0) return;
   const SelectShape sh = make_select_shape(cfg);
-  const int* only = nullptr;  // the block kernel does every token, or the flagged ones
-  unsigned block_grid = static_cast<unsigned>(tokens);
   if (use_warp_kernel(cfg)) {
-    int* redo = static_cast<int*>(workspace);
-    const unsigned grid = static_cast<unsigned>(ceil_div(tokens, kWarpsPerCta));
-    const int n = std::max(sh.nr, sh.nc);
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, kWarpsPerCta * 32, 0, stream>>>(sh.nr, sh.nc, sh.k, tokens, row_logp,
-                                                    col_logp, indices, scores, gates, mode, redo);
-    };
-    if (n <= 128) launch(select_topk_warp_kernel<4>);
-    else if (n <= 256) launch(select_topk_warp_kernel<8>);
-    else if (n <= 512) launch(select_topk_warp_kernel<16>);
-    else launch(select_topk_warp_kernel<32>);
-    OMNIMOE_CUDA_CHECK_LAUNCH("router_select_topk (warp per token)");
-    only = redo;
-    // A persistent grid that skips unflagged tokens (a flag read each).
-    int device = 0, sms = 0;
-    OMNIMOE_CUDA_CHECK(cudaGetDevice(&device));
-    OMNIMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    block_grid = static_cast<unsigned>(std::min<int64_t>(tokens, int64_t{8} * sms));
+    WarpSelectArgs args{};
+    args.sh = sh;
+    args.tokens = tokens;
+    args.row_logp = row_logp;
+    args.col_logp = col_logp;
+    args.indices = indices;
+    args.scores = scores;
+    args.gates = gates;
+    args.mode = mode;
+    launch_warp_select<false>(args, warp_vector_rows(sh, row_logp, col_logp), stream);
+    return;
   }
   if (fits_shared(sh)) {
     if (sh.bytes > 48 * 1024) {
@@ -824,17 +1106,16 @@ void launch_select(const LayerConfig& cfg, int64_t tokens, const float* row_logp
                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(sh.bytes)));
     }
-    select_topk_kernel<true><<<block_grid, sh.threads, sh.bytes, stream>>>(
-        sh, tokens, row_logp, col_logp, indices, scores, gates, mode, only, nullptr);
+    select_topk_kernel<true><<<static_cast<unsigned>(tokens), sh.threads, sh.bytes, stream>>>(
+        sh, tokens, row_logp, col_logp, indices, scores, gates, mode, nullptr);
   } else {
     const int grid = static_cast<int>(std::min<int64_t>(tokens, kGlobalCtas));
     select_topk_kernel<false><<<grid, std::min(sh.threads, kGlobalThreads), 0, stream>>>(
-        sh, tokens, row_logp, col_logp, indices, scores, gates, mode, only,
-        static_cast<char*>(workspace) + redo_bytes(cfg, tokens));
+        sh, tokens, row_logp, col_logp, indices, scores, gates, mode,
+        static_cast<char*>(workspace));
   }
   OMNIMOE_CUDA_CHECK_LAUNCH("router_select_topk");
 }
-
 }  // namespace omnimoe::cuda::router_detail
 
 namespace omnimoe::cuda {

@@ -1,14 +1,16 @@
 // The dense-masked execution of the atomic experts (OMNIMOE_EXPERTS_PATH=dense) against the CPU
 // backend: bf16 and f16, odd sizes, K = 1 and K = N, experts nobody chose, padded rows,
-// accumulate flags, several token chunks (OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS), bitwise
-// repeatability, CUDA graph capture, the T = 0 backward, and the dispatcher's choice and naming
-// of the path.
+// accumulate flags, several chunks of tokens and of experts (OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS,
+// OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS), coefficient rows longer than one shared-memory segment,
+// K beyond the 4096 pairs a fill block takes at once, bitwise repeatability, CUDA graph capture,
+// the T = 0 backward, and the dispatcher's choice and naming of the path; a disabled timing test.
 // (The case builder of test_experts_cuda.cpp lives in that file's anonymous namespace; this is
 // a smaller one for this path's cases.)
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
@@ -17,13 +19,15 @@
 #include <string>
 #include <vector>
 
+#include "cuda/gemm.h"
 #include "cuda_test_support.h"
 
 namespace omnimoe::test {
 namespace {
 
 constexpr const char* kPathVar = "OMNIMOE_EXPERTS_PATH";
-constexpr const char* kChunkVar = "OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS";
+constexpr const char* kChunkTokensVar = "OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS";
+constexpr const char* kChunkExpertsVar = "OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS";
 
 // Sets (or, with nullptr, unsets) an environment variable for the scope, restoring it after.
 class ScopedEnv {
@@ -86,7 +90,7 @@ struct DenseCase {
   Activation act;
   bool half_pool;  // only experts [0, max(K, N/2)) chosen
   int64_t pad;     // row padding of x, y, dy, dx, W and dV
-  int64_t chunk;   // OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS, 0: the path's own choice
+  int64_t chunk;   // cap on tokens and experts per chunk, 0: the path's own choice
 };
 
 std::string case_name(const DenseCase& c) {
@@ -154,8 +158,8 @@ struct DenseProblem {
 
   void forward(bool accumulate, const Exec& e) {
     Scratch ws(e, experts_forward_workspace_bytes(cfg, T, dtype, e));
-    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e),
-                    y.view(e), accumulate, preact.view(e), ws.buffer(), e);
+    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e), y.view(e),
+                    accumulate, preact.view(e), ws.buffer(), e);
   }
   void backward(bool accumulate_dx, const Exec& e) {
     Scratch ws(e, experts_backward_workspace_bytes(cfg, T, dtype, e));
@@ -211,13 +215,15 @@ uint64_t seed_of(const DenseCase& c) {
          static_cast<uint64_t>(c.dtype) * 1000003;
 }
 
-// Forces the dense path and the case's chunk size for the scope.
+// Forces the dense path and the case's chunk caps (tokens and experts) for the scope.
 struct DenseScope {
   ScopedEnv path;
-  ScopedEnv chunk;
-  explicit DenseScope(int64_t chunk_tokens)
+  ScopedEnv chunk_tokens;
+  ScopedEnv chunk_experts;
+  explicit DenseScope(int64_t chunk)
       : path(kPathVar, "dense"),
-        chunk(kChunkVar, chunk_tokens ? std::to_string(chunk_tokens).c_str() : nullptr) {}
+        chunk_tokens(kChunkTokensVar, chunk ? std::to_string(chunk).c_str() : nullptr),
+        chunk_experts(kChunkExpertsVar, chunk ? std::to_string(chunk).c_str() : nullptr) {}
 };
 
 class ExpertsDenseCuda : public ::testing::TestWithParam<DenseCase> {};
@@ -272,9 +278,10 @@ const auto kGelu = Activation::gelu;
 const auto kRelu = Activation::relu;
 
 // Odd sizes (d = 37: rows not 16-byte aligned; N = 437), K = 1 and K = N, experts nobody chose,
-// padded rows, one chunk and several (the last one partial, and one token per chunk). dW and dV
-// are rounded to the storage type once per chunk, so chunked cases keep to a few chunks (as
-// real calls do: about 5 at T = 4096, N = 102,400) to stay within one rounding's tolerance.
+// padded rows, one chunk and many (the last one partial; one token or expert per chunk). dx sums
+// the expert chunks in fp32 and dW, dV are written once, so many chunks cost no extra rounding.
+// N = 10,240: forward rows of two shared-memory segments (8192 columns each), backward in two
+// expert chunks at least; K = 4100: past the 4096 pairs a fill block takes in one batch.
 std::vector<DenseCase> dense_cases() {
   return {
       {DType::bf16, 257, 37, 19, 23, 7, kSilu, false, 0, 0},
@@ -283,12 +290,16 @@ std::vector<DenseCase> dense_cases() {
       {DType::f16, 257, 37, 19, 23, 1, kSilu, false, 2, 0},
       {DType::bf16, 257, 37, 19, 23, 437, kGelu, false, 0, 100},
       {DType::f16, 257, 37, 19, 23, 437, kSilu, false, 1, 0},
+      {DType::bf16, 257, 37, 19, 23, 7, kGelu, false, 0, 5},
       {DType::bf16, 257, 64, 5, 7, 35, kSilu, false, 8, 0},
       {DType::bf16, 300, 96, 8, 8, 9, kGelu, true, 0, 100},
       {DType::f16, 300, 96, 8, 8, 9, kRelu, true, 4, 0},
       {DType::f16, 9, 128, 4, 8, 16, kSilu, false, 0, 1},
       {DType::bf16, 64, 1024, 8, 8, 16, kGelu, false, 0, 0},
       {DType::f16, 513, 256, 16, 16, 24, kSilu, true, 0, 200},
+      {DType::bf16, 33, 32, 80, 128, 4100, kSilu, false, 0, 0},
+      {DType::f16, 40, 48, 80, 128, 300, kGelu, true, 2, 0},
+      {DType::bf16, 40, 48, 80, 128, 300, kRelu, false, 0, 4000},
   };
 }
 
@@ -426,6 +437,152 @@ TEST(ExpertsDenseCudaExecution, ChosenByDensityAndForced) {
     EXPECT_THROW(experts_execution(cfg, 4096, DType::f32, e), Error);
     EXPECT_THROW(experts_execution(cfg, 4096, DType::f64, e), Error);
   }
+}
+
+// Timing of this path at the paper's dense shapes (bf16, d = 1024, N = 320 x 320, K = 4096,
+// T = 4096 and 1024; uniform routing), forward and backward, beside the cuBLASLt products of
+// the same chunk shapes (what is left is the fill kernels and the fp32 sum of dx). The chunk
+// sizes repeat the path's rule (512 MiB of chunk matrices, backward chunks of at most 8192
+// experts, even chunks). Disabled by default; run with
+//   omnimoe_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='*ExpertsDenseCudaTiming*'
+struct TimedShape {
+  int64_t tokens, hidden, grid_rows, grid_cols, top_k;
+};
+
+void time_dense(const TimedShape& sh) {
+  const int64_t T = sh.tokens, d = sh.hidden, K = sh.top_k, N = sh.grid_rows * sh.grid_cols;
+  LayerConfig cfg;
+  cfg.hidden = d;
+  cfg.grid_rows = sh.grid_rows;
+  cfg.grid_cols = sh.grid_cols;
+  cfg.top_k = K;
+  CudaStream stream;
+  const Exec e = cuda_exec(stream.get());
+  const DType bf = DType::bf16;
+  // Tables: a 32 MB random block repeated over N rows.
+  auto table = [&](uint64_t seed, double bound) {
+    DeviceBuffer buf(static_cast<size_t>(N * d) * 2);
+    const int64_t block_rows = std::min<int64_t>(N, (int64_t{32} << 20) / (d * 2));
+    const HostTensor block = make_random(bf, {block_rows, d}, seed, 0, -bound, bound);
+    for (int64_t r = 0; r < N; r += block_rows) {
+      const int64_t n = std::min(block_rows, N - r);
+      OMNIMOE_TEST_CUDA_CHECK(cudaMemcpy(static_cast<char*>(buf.data()) + r * d * 2, block.data(),
+                                         static_cast<size_t>(n * d) * 2, cudaMemcpyHostToDevice));
+    }
+    return buf;
+  };
+  const double a = std::sqrt(3.0 / static_cast<double>(d));
+  DeviceBuffer up = table(1, a), down = table(2, 1.0), dup(static_cast<size_t>(N * d) * 2),
+               ddown(static_cast<size_t>(N * d) * 2);
+  auto nd = [&](const DeviceBuffer& b) {
+    return TensorView::contiguous(b.data(), bf, {N, d}, e.device);
+  };
+  const ExpertWeights w{nd(up), nd(down)}, g{nd(dup), nd(ddown)};
+  DeviceTensor x(make_random(bf, {T, d}, 3)), dy(make_random(bf, {T, d}, 4));
+  DeviceTensor y(HostTensor(bf, {T, d})), dx(HostTensor(bf, {T, d}));
+  DeviceTensor gates(make_random(DType::f32, {T, K}, 6, 0, 0.05, 1.0));
+  DeviceTensor preact(HostTensor(DType::f32, {T, K})), dgates(HostTensor(DType::f32, {T, K}));
+  HostTensor idx(DType::i32, {T, K}), offsets(DType::i32, {N + 1}), order(DType::i32, {T * K});
+  {
+    std::mt19937_64 rng(5);
+    std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(N - 1));
+    std::vector<uint8_t> taken(static_cast<size_t>(N), 0);
+    auto* ids = static_cast<int32_t*>(idx.data());
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t k = 0; k < K; ++k) {
+        int32_t v = pick(rng);
+        while (taken[v]) v = pick(rng);
+        taken[v] = 1;
+        ids[t * K + k] = v;
+      }
+      for (int64_t k = 0; k < K; ++k) taken[ids[t * K + k]] = 0;
+    }
+    std::vector<int32_t> count(static_cast<size_t>(N + 1), 0);
+    for (int64_t p = 0; p < T * K; ++p) ++count[ids[p] + 1];
+    for (int64_t v = 0; v < N; ++v) count[v + 1] += count[v];
+    std::memcpy(offsets.data(), count.data(), static_cast<size_t>(N + 1) * 4);
+    for (int64_t p = 0; p < T * K; ++p) static_cast<int32_t*>(order.data())[count[ids[p]]++] = p;
+  }
+  DeviceTensor d_idx(idx), d_off(offsets), d_order(order);
+  const Schedule sched{d_off.view(), d_order.view()};
+
+  ScopedEnv path(kPathVar, "dense");
+  const int warm = 2, iters = 5;
+  DeviceBuffer fws(experts_forward_workspace_bytes(cfg, T, bf, e));
+  const double fwd_ms = median_ms(
+      [&] {
+        experts_forward(cfg, x.view(), w, d_idx.view(), gates.view(), y.view(), false,
+                        preact.view(), fws.buffer(), e);
+      },
+      warm, iters, stream.get());
+  DeviceBuffer bws(experts_backward_workspace_bytes(cfg, T, bf, e));
+  const double bwd_ms = median_ms(
+      [&] {
+        experts_backward(cfg, x.view(), w, d_idx.view(), gates.view(), preact.view(), sched,
+                         dy.view(), dx.view(), false, g, dgates.view(), bws.buffer(), e);
+      },
+      warm, iters, stream.get());
+
+  // The products alone, at the path's chunk shapes.
+  const int64_t budget = int64_t{512} << 20;
+  auto even = [](int64_t items, int64_t limit) {
+    const int64_t count = (items + std::min(limit, items) - 1) / std::min(limit, items);
+    return (items + count - 1) / count;
+  };
+  const int64_t ldn = (N + 7) / 8 * 8;
+  const int64_t tc = even(T, std::max<int64_t>(1, budget / (ldn * 6)));
+  const int64_t nc = even(N, std::clamp<int64_t>(budget / (T * 10), 1, 8192));
+  DeviceBuffer scratch_f32(static_cast<size_t>(std::max(tc * ldn, T * nc) + T * d) * 4);
+  DeviceBuffer scratch_a(static_cast<size_t>(std::max(tc * ldn, 2 * T * nc)) * 2);
+  DeviceBuffer scratch_x2(static_cast<size_t>(2 * T * d) * 2),
+      gemm_ws(cuda::gemm_workspace_bytes());
+  OMNIMOE_TEST_CUDA_CHECK(cudaMemset(scratch_a.data(), 0x3c, scratch_a.bytes()));
+  OMNIMOE_TEST_CUDA_CHECK(cudaMemset(scratch_x2.data(), 0x3c, scratch_x2.bytes()));
+  auto mat = [&](void* p, DType dt, int64_t r, int64_t c) {
+    return TensorView::matrix(p, dt, r, c, c, e.device);
+  };
+  auto rows = [&](const TensorView& v, int64_t r) {
+    TensorView o = v;
+    o.shape[0] = r;
+    return o;
+  };
+  auto gemm_ms = [&](const TensorView& A, bool ta, const TensorView& B, bool tb,
+                     const TensorView& C, float beta) {
+    return median_ms([&] { cuda::gemm(A, ta, B, tb, C, 1.0f, beta, gemm_ws.buffer(), e); }, warm,
+                     iters, stream.get());
+  };
+  float* f32 = static_cast<float*>(scratch_f32.data());
+  float* f32_sum = f32 + std::max(tc * ldn, T * nc);
+  void* av = scratch_a.data();
+  const double n_tc = static_cast<double>(T) / static_cast<double>(tc);
+  const double n_cb = static_cast<double>(N) / static_cast<double>(nc);
+  const double f_s = gemm_ms(rows(x.view(), tc), false, w.up, true, mat(f32, DType::f32, tc, N), 0);
+  const double f_y = gemm_ms(mat(av, bf, tc, N), false, w.down, false, rows(y.view(), tc), 0);
+  const double b_s =
+      gemm_ms(dy.view(), false, rows(w.down, nc), true, mat(f32, DType::f32, T, nc), 0);
+  const double b_dx =
+      gemm_ms(mat(av, bf, T, nc), false, rows(w.up, nc), false, mat(f32_sum, DType::f32, T, d), 1);
+  const double b_dw = gemm_ms(mat(av, bf, 2 * T, nc), true, mat(scratch_x2.data(), bf, 2 * T, d),
+                              false, rows(g.up, nc), 0);
+  const double b_dv = gemm_ms(mat(av, bf, T, nc), true, dy.view(), false, rows(g.down, nc), 0);
+  const double flop =
+      2.0 * static_cast<double>(T) * static_cast<double>(N) * static_cast<double>(d);
+  const double f_g = n_tc * (f_s + f_y), b_g = n_cb * (b_s + b_dx + b_dw + b_dv);
+  std::printf(
+      "dense T=%lld d=%lld N=%lld K=%lld bf16 | one product 2TNd = %.0f GFLOP\n"
+      "  forward  (Tc=%lld): %.3f ms; GEMMs %.3f ms (S %.3f + AV %.3f per chunk, %.2f chunks) -> "
+      "rest %.3f ms\n"
+      "  backward (Nc=%lld): %.3f ms; GEMMs %.3f ms (S %.3f + dx %.3f + dW %.3f + dV %.3f per "
+      "chunk, %.2f chunks) -> rest %.3f ms\n",
+      static_cast<long long>(T), static_cast<long long>(d), static_cast<long long>(N),
+      static_cast<long long>(K), flop / 1e9, static_cast<long long>(tc), fwd_ms, f_g, f_s, f_y,
+      n_tc, fwd_ms - f_g, static_cast<long long>(nc), bwd_ms, b_g, b_s, b_dx, b_dw, b_dv, n_cb,
+      bwd_ms - b_g);
+}
+
+TEST(ExpertsDenseCudaTiming, DISABLED_bf16_paper_k4096) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  for (const int64_t T : {4096, 1024}) time_dense({T, 1024, 320, 320, 4096});
 }
 
 }  // namespace

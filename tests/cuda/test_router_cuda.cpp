@@ -128,6 +128,50 @@ INSTANTIATE_TEST_SUITE_P(
       return "f32_" + shape_name(c.tokens, c.nr, c.nc, c.k);
     });
 
+// The warp-per-token kernel (K <= 31, axes <= 1024): every row layout (4 to 32 values per lane,
+// scalar and 16-byte rows), 2 and 4 staircase slots per lane, K = 1, K = 31, K = N, grids of one
+// row or one column.
+INSTANTIATE_TEST_SUITE_P(
+    WarpShapes, RouterCudaSelect,
+    ::testing::Values(SelectCase{300, 128, 128, 31}, SelectCase{257, 200, 136, 17},
+                      SelectCase{257, 201, 130, 17}, SelectCase{129, 512, 300, 19},
+                      SelectCase{129, 1000, 1024, 20}, SelectCase{129, 1023, 1021, 31},
+                      SelectCase{200, 1024, 1024, 1}, SelectCase{200, 1024, 1024, 2},
+                      SelectCase{64, 1024, 64, 31}, SelectCase{64, 3, 1000, 31},
+                      SelectCase{64, 1000, 1, 31}, SelectCase{64, 1, 1024, 31},
+                      SelectCase{64, 5, 6, 30}, SelectCase{64, 2, 3, 6}),
+    [](const auto& info) {
+      const SelectCase& c = info.param;
+      return "f32_" + shape_name(c.tokens, c.nr, c.nc, c.k);
+    });
+
+// Tokens the warp kernel leaves to its CTA's block algorithm, between ordinary tokens of the same
+// CTAs: every value equal; more than 64 row values at the bound; ties inside the staircase;
+// rounding ties.
+TEST(RouterCudaSelectTies, MixedTokens_T37_Nr1024_Nc1024_K16) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const int64_t n = 1024, T = 37;
+  SelectData s(router_config(4, n, n, 16), T);
+  s.row_logp.fill_uniform(41, -12.0, -4.0);
+  s.col_logp.fill_uniform(42, -12.0, -4.0);
+  for (int64_t t : {1, 2, 9}) {
+    for (int64_t i = 0; i < n; ++i) {
+      s.row_logp.set(t * n + i, -7.0);
+      s.col_logp.set(t * n + i, -6.5);
+    }
+  }
+  for (int64_t i = 0; i < 100; ++i) s.row_logp.set(5 * n + 7 * i + 3, -1.0);
+  for (int64_t i = 0; i < 40; ++i) {
+    s.row_logp.set(6 * n + 11 * i, -1.0);
+    s.col_logp.set(6 * n + 13 * i + 1, -2.0);
+  }
+  std::mt19937_64 rng(43);
+  std::uniform_real_distribution<double> big(-3.0e7, -1.0e7);
+  for (int64_t i = 0; i < n; ++i) s.row_logp.set(20 * n + i, big(rng));
+  s.run();
+  s.expect_equal();
+}
+
 // All log-probs equal: every pair ties, so the K smallest ids, in order.
 TEST(RouterCudaSelectTies, ConstantLogp_T3_Nr7_Nc9) {
   OMNIMOE_SKIP_WITHOUT_GPU();
@@ -430,6 +474,14 @@ std::vector<ForwardCase> forward_cases() {
   v.push_back({DType::bf16, 300, 64, 1024, 1024, 16, sm, bn, true, 0});
   v.push_back({DType::bf16, 64, 64, 1024, 1024, 256, jt, bn, true, 0});
   v.push_back({DType::bf16, 64, 64, 320, 320, 4096, sm, bn, true, 0});
+  // 16-byte rows (batch-norm moments, fused selection) over two chunks of tokens.
+  v.push_back({DType::f32, 130, 40, 128, 132, 31, sm, bn, true, 0});
+  v.push_back({DType::bf16, 64, 64, 1024, 1024, 16, jt, bn, false, 0});
+  // Scalar rows of up to 1024 in the fused selection.
+  v.push_back({DType::f32, 100, 48, 1001, 999, 20, sm, none, true, 1});
+  // Normalise kernel (16-byte rows, then rows past 1024) with the block selection.
+  v.push_back({DType::bf16, 300, 64, 320, 320, 64, sm, bn, true, 0});
+  v.push_back({DType::f32, 70, 24, 1500, 30, 40, sm, bn, true, 0});
   return v;
 }
 
@@ -455,10 +507,9 @@ TEST(RouterCudaForwardNorm, TwoTrainingSteps_then_eval_f32_T50_Nr13_Nc11_K5) {
 
 // Equal logits for every token (W rows equal): all-tie selections through the whole forward
 // (training, so the batch statistics of the identical columns are identical too).
-TEST(RouterCudaForwardTies, ConstantLogits_f32_T20_Nr7_Nc9_K10) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
+void expect_constant_logits_ties(int64_t nr, int64_t nc, int64_t k) {
   for (RouterNorm norm : {RouterNorm::none, RouterNorm::batch}) {
-    const LayerConfig cfg = router_config(8, 7, 9, 10, Gating::softmax, norm);
+    const LayerConfig cfg = router_config(8, nr, nc, k, Gating::softmax, norm);
     ForwardData f(cfg, DType::f32, 20, 0, 9);
     f.wr.host.fill(0.25);
     f.wc.host.fill(-0.5);
@@ -467,32 +518,55 @@ TEST(RouterCudaForwardTies, ConstantLogits_f32_T20_Nr7_Nc9_K10) {
     run_on_cpu_and_cuda([&](const Exec& e) { f.run(e, /*training=*/true); });
     const HostTensor got = f.indices.fetch();
     for (int64_t i = 0; i < got.numel(); ++i) ASSERT_EQ(got.get(i), f.indices.host.get(i));
-    for (int64_t q = 0; q < 10; ++q) ASSERT_EQ(got.get(q), q);
+    for (int64_t q = 0; q < k; ++q) ASSERT_EQ(got.get(q), q);
   }
+}
+
+TEST(RouterCudaForwardTies, ConstantLogits_f32_T20_Nr7_Nc9_K10) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_constant_logits_ties(7, 9, 10);
+}
+
+// The same through the fused warp kernel on 16-byte rows: every token goes to the block
+// algorithm.
+TEST(RouterCudaForwardTies, ConstantLogits_f32_T20_Nr256_Nc256_K16) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_constant_logits_ties(256, 256, 16);
 }
 
 // A NaN in one token's input: its logits, log-probs and scores are NaN, its ids the K smallest;
 // the other tokens are unaffected (router_norm = none keeps tokens independent).
-TEST(RouterCudaForwardNonFinite, NaN_in_x_f32_T12_Nr9_Nc7_K10) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
-  const LayerConfig cfg = router_config(16, 9, 7, 10, Gating::softmax, RouterNorm::none);
+void expect_nan_token_isolated(int64_t nr, int64_t nc, int64_t k) {
+  const LayerConfig cfg = router_config(16, nr, nc, k, Gating::softmax, RouterNorm::none);
   ForwardData f(cfg, DType::f32, 12, 0, 21);
   f.x.host.set(3 * 16 + 5, kNaN);
   f.x.device.copy_from(f.x.host);
   run_on_cpu_and_cuda([&](const Exec& e) { f.run(e, /*training=*/false); });
   const HostTensor idx = f.indices.fetch(), sc = f.scores.fetch(), g = f.gates.fetch();
-  for (int64_t q = 0; q < 10; ++q) {
-    EXPECT_EQ(idx.get(3 * 10 + q), q);
-    EXPECT_TRUE(std::isnan(sc.get(3 * 10 + q)));
-    EXPECT_TRUE(std::isnan(g.get(3 * 10 + q)));
+  for (int64_t q = 0; q < k; ++q) {
+    EXPECT_EQ(idx.get(3 * k + q), q);
+    EXPECT_TRUE(std::isnan(sc.get(3 * k + q)));
+    EXPECT_TRUE(std::isnan(g.get(3 * k + q)));
   }
   for (int64_t t = 0; t < 12; ++t) {
     if (t == 3) continue;
-    for (int64_t q = 0; q < 10; ++q) {
-      EXPECT_TRUE(std::isfinite(sc.get(t * 10 + q))) << "token " << t;
-      EXPECT_TRUE(std::isfinite(g.get(t * 10 + q))) << "token " << t;
+    for (int64_t q = 0; q < k; ++q) {
+      EXPECT_TRUE(std::isfinite(sc.get(t * k + q))) << "token " << t;
+      EXPECT_TRUE(std::isfinite(g.get(t * k + q))) << "token " << t;
     }
   }
+  expect_equivalent_selection(f, idx, tolerance_for(DType::f32, 16 * (nr + nc)));
+}
+
+TEST(RouterCudaForwardNonFinite, NaN_in_x_f32_T12_Nr9_Nc7_K10) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_nan_token_isolated(9, 7, 10);
+}
+
+// The fused warp kernel on 16-byte rows leaves the NaN token to the block algorithm.
+TEST(RouterCudaForwardNonFinite, NaN_in_x_f32_T12_Nr256_Nc128_K16) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_nan_token_isolated(256, 128, 16);
 }
 
 // T = 0 never reaches the backend: nothing written, running statistics unchanged.
@@ -614,6 +688,8 @@ std::vector<BackwardCase> backward_cases() {
   v.push_back({DType::f32, 50, 37, 19, 23, 437, sm, bn, true, false, 0});
   v.push_back({DType::bf16, 128, 64, 1024, 1024, 16, sm, bn, true, false, 0});
   v.push_back({DType::bf16, 64, 64, 320, 320, 4096, sm, bn, true, true, 0});
+  // 16-byte rows in the batch-norm gradient sums, three chunks of tokens.
+  v.push_back({DType::f32, 300, 32, 128, 256, 20, sm, bn, true, false, 0});
   // N_r + N_c past the shared-memory accumulators: the global-workspace kernel.
   v.push_back({DType::f32, 40, 16, 6000, 3000, 20, sm, bn, true, false, 0});
   return v;

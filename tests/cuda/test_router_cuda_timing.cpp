@@ -1,11 +1,15 @@
 // Timing of the router selection, the whole router forward and backward, and the schedule at the
 // PERF-NOTES shapes. Prints, never asserts a time. Disabled by default; run with
 //   omnimoe_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='*RouterCudaTiming*'
+// For a profiler: OMNIMOE_ROUTER_TIMING_SHAPE=pool-1m-k16 times that shape alone, and
+// OMNIMOE_ROUTER_TIMING_ITERS=2 sets the timed calls (warm-up: 1 then).
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -14,7 +18,12 @@
 namespace omnimoe::test {
 namespace {
 
-constexpr int kWarmup = 3, kIters = 20;  // median_ms's warm-up and timed calls
+// median_ms's warm-up and timed calls.
+int timed_calls() {
+  const char* v = std::getenv("OMNIMOE_ROUTER_TIMING_ITERS");
+  return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 20;
+}
+int warmup_calls() { return timed_calls() < 20 ? 1 : 3; }
 
 // log_softmax of standard normal logits, per row: what the router feeds the selection.
 HostTensor random_logp(int64_t tokens, int64_t n, uint64_t seed) {
@@ -51,7 +60,10 @@ TEST(RouterCudaTiming, DISABLED_select_forward_backward_schedule) {
   const int64_t d = 1024;
   std::printf("%-16s %10s %10s %10s %10s %10s %10s\n", "shape", "select", "sel GB/s", "forward",
               "backward", "schedule", "out MB");
+  const char* only = std::getenv("OMNIMOE_ROUTER_TIMING_SHAPE");
+  const int kWarmup = warmup_calls(), kIters = timed_calls();
   for (const Shape& s : kShapes) {
+    if (only != nullptr && std::strcmp(only, s.name) != 0) continue;
     const LayerConfig cfg = make_config(d, s.nr, s.nc, s.k);
     const int64_t T = s.tokens, K = s.k;
     // Three input sets, rotated, so the inputs do not sit in L2 between calls.

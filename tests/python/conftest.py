@@ -4,8 +4,10 @@ availability."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import tempfile
 
 # Two OpenMP runtimes share the cores here (PyTorch's bundled one and the library's); with
 # busy-waiting workers each stalls the other on a small, loaded machine. Read at their start.
@@ -17,8 +19,24 @@ import torch
 import omnimoe
 from omnimoe.torch import OmniMoE, OmniMoEConfig, OmniMoEReference
 
+
+def _inductor_cache_for_this_build() -> str:
+    """A compiled graph bakes in the size of the saved buffer that the library reported when it
+    was traced, and PyTorch's FX-graph and AOT caches do not key on it: a cache filled by
+    another build of the extension (another saved layout) replays the stale size and fails
+    assert_size_stride. One cache folder per extension binary keeps warm caches and no stale
+    ones."""
+    digest = hashlib.sha1()
+    with open(omnimoe._omnimoe.__file__, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_omnimoe_{digest.hexdigest()[:16]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_for_this_build())
+
 # (rtol, atol) per storage dtype, widened by sqrt(terms) as tolerance_for() in
-# tests/support/test_support.cpp.
+# src/core/tolerance.h.
 _POLICY = {
     torch.float64: (1e-10, 1e-12, True),
     torch.float32: (2e-5, 1e-6, True),

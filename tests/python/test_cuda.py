@@ -199,3 +199,22 @@ def test_cuda_compile_fullgraph_matches_eager():
     y_eager.square().sum().backward()
     for (name, p), q in zip(eager.named_parameters(), module.parameters()):
         assert_close(q.grad, p.grad, torch.float32, 20000, f"grad of {name}")
+
+
+def test_cuda_readme_example_runs():
+    """The README's PyTorch example, as written: a 64 x 64 grid, K = 32, bf16 autocast."""
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+    section = readme.read_text().split("## PyTorch", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(compile(code, str(readme), "exec"), scope)
+    torch.cuda.synchronize()
+    y, layer = scope["y"], scope["layer"]
+    assert y.shape == (4, 128, 256) and y.dtype == torch.bfloat16 and y.is_cuda
+    assert torch.isfinite(y.float()).all()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, f"{name}: all-zero gradient"
