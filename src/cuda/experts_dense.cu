@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "backend/backend.h"
 #include "cuda/cuda_common.cuh"
@@ -22,7 +21,8 @@ constexpr uintptr_t kAlign = 256;  // every carved buffer starts on 256 bytes (c
 constexpr int kThreads = 256;
 // Columns of a coefficient row built in shared memory at a time (16 KB per 16-bit matrix).
 constexpr int kSegment = 8192;
-// Pairs per thread of a fill block's batch (4096 pairs per block).
+// Pairs per thread whose expert ids a fill block keeps in registers across its segments (rows
+// of K <= 4096 are read once; longer rows are re-read per segment).
 constexpr int kPairsPerThread = 16;
 
 size_t round_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
@@ -40,38 +40,43 @@ int64_t env_cap(const char* name) {
 
 enum class Direction { forward, backward };
 
-// How a call is cut: `count` even chunks of `size` tokens (forward) or experts (backward; the
-// last chunk may be smaller); the chunk matrices have `rows` rows of stride `ld` elements.
+// Forward runs in chunks of tokens (rows of S = X_c W^T over all experts) unless
+// OMNIMOE_EXPERTS_DENSE_FORWARD=experts (chunks of experts, y summed in fp32); backward always in
+// chunks of experts.
+bool forward_by_experts() {
+  const char* v = std::getenv("OMNIMOE_EXPERTS_DENSE_FORWARD");
+  return v && std::strcmp(v, "experts") == 0;
+}
+
+// How a call is cut: `count` chunks of `size` tokens (forward by tokens) or experts (the last
+// chunk may be smaller); the chunk matrices have `rows` rows of stride `ld` elements.
 struct Chunking {
+  bool by_experts;
   int64_t size, count, rows, ld;
 };
-
-// `limit` (at least 1) items per chunk at most: the fewest chunks, then equal sizes.
-void cut(Chunking& c, int64_t items, int64_t limit) {
-  c.count = ceil_div(items, std::min(limit, items));
-  c.size = ceil_div(items, c.count);
-}
 
 Chunking chunking(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction dir) {
   const int64_t n = cfg.num_experts();
   const auto es = static_cast<int64_t>(dtype_size(dtype));
-  const int64_t t = std::max<int64_t>(tokens, 1);
   Chunking c{};
-  if (dir == Direction::forward) {  // [Tc, N] S (f32) and A
-    c.ld = padded(n);
-    int64_t limit = std::max<int64_t>(1, kChunkBudgetBytes / (c.ld * (4 + es)));
-    if (const int64_t cap = env_cap("OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS"))
-      limit = std::min(limit, cap);
-    cut(c, t, limit);
+  c.by_experts = dir == Direction::backward || forward_by_experts();
+  if (!c.by_experts) {  // [Tc, N] S (f32) and A
+    int64_t tc = std::max<int64_t>(1, kChunkBudgetBytes / (padded(n) * (4 + es)));
+    if (const int64_t cap = env_cap("OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS")) tc = std::min(tc, cap);
+    c.size = std::min(tc, std::max<int64_t>(tokens, 1));
+    c.count = ceil_div(tokens, c.size);
     c.rows = c.size;
+    c.ld = padded(n);
     return c;
   }
-  // [T, Nc] S (f32), DA high and low, G: 4 + 3 storage elements per token and expert.
-  // At most one fill segment (kSegment experts) per chunk.
-  int64_t limit = std::clamp<int64_t>(kChunkBudgetBytes / (t * (4 + 3 * es)), 1, kSegment);
-  if (const int64_t cap = env_cap("OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS"))
-    limit = std::min(limit, cap);
-  cut(c, n, limit);
+  // [T, Nc] S (f32) and A (forward), or S, DA high and low, G (backward), per expert column.
+  const int64_t t = std::max<int64_t>(tokens, 1);
+  const int64_t col_bytes = t * (dir == Direction::forward ? 4 + es : 4 + 3 * es);
+  int64_t nc = std::max<int64_t>(1, kChunkBudgetBytes / col_bytes);
+  if (const int64_t cap = env_cap("OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS")) nc = std::min(nc, cap);
+  nc = std::min(nc, n);
+  c.count = ceil_div(n, nc);
+  c.size = ceil_div(n, c.count);  // even chunks
   c.rows = t;
   c.ld = padded(c.size);
   return c;
@@ -79,11 +84,11 @@ Chunking chunking(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction
 
 // The caller's workspace, carved in the order the sizes are listed.
 struct Layout {
-  size_t s = 0;     // f32 [rows, ld]
-  size_t coef = 0;  // A (forward) or DA high over DA low, [2 rows, ld], then G (backward)
-  size_t gh = 0;    // G [rows, ld] (backward)
-  size_t x2 = 0;    // [2T, d] storage: X over X (backward)
-  size_t sum = 0;   // f32 [T, d]: dx summed over chunks (backward)
+  size_t s = 0;       // f32 [rows, ld]
+  size_t coef = 0;    // A (forward) or DA high over DA low, [2 rows, ld], then G (backward)
+  size_t gh = 0;      // G [rows, ld] (backward)
+  size_t x2 = 0;      // [2T, d] storage: X over X (backward)
+  size_t sum = 0;     // f32 [T, d]: y (forward by experts) or dx (backward) summed over chunks
   size_t total() const {
     return (kAlign - 1) + round_up(s) + round_up(coef) + round_up(gh) + round_up(x2) +
            round_up(sum) + gemm_workspace_bytes();
@@ -99,6 +104,7 @@ Layout layout(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction dir
   l.s = cells * sizeof(float);
   if (dir == Direction::forward) {
     l.coef = cells * es;
+    if (c.by_experts) l.sum = td * sizeof(float);
   } else {
     l.coef = 2 * cells * es;
     l.gh = cells * es;
@@ -143,23 +149,9 @@ TensorView rows_of(const TensorView& v, int64_t r0, int64_t rows) {
   return r;
 }
 
-// A fill block builds one row of each coefficient matrix in shared memory (16-bit bit patterns,
-// zeros included) and writes it with 16-byte stores. Each thread takes kPairsPerThread of the
-// row's pairs and issues their loads together, in two groups, before using any: a first version
-// that loaded pair by pair inside each segment spent ~0.4 ms per chunk on serialised misses
-// (paper-k4096-t4k, H100).
-constexpr int64_t kCachedPairs = int64_t{kThreads} * kPairsPerThread;
-
-// The bits of a 16-bit storage value.
-template <typename T>
-__device__ __forceinline__ uint32_t bits_of(T v) {
-  uint16_t b;
-  memcpy(&b, &v, sizeof(b));
-  return b;
-}
-
 // Zeroes `count` (a multiple of 8) 16-bit elements of shared memory.
-__device__ __forceinline__ void zero_segment(uint16_t* seg, int count) {
+template <typename T>
+__device__ __forceinline__ void zero_segment(T* seg, int count) {
   for (int i = threadIdx.x; i < count / 8; i += kThreads) {
     reinterpret_cast<uint4*>(seg)[i] = make_uint4(0, 0, 0, 0);
   }
@@ -167,180 +159,141 @@ __device__ __forceinline__ void zero_segment(uint16_t* seg, int count) {
 
 // dst[0, count) = seg[0, count) with 16-byte stores (count a multiple of 8, dst 16-byte aligned).
 template <typename T>
-__device__ __forceinline__ void store_segment(T* __restrict__ dst, const uint16_t* seg, int count) {
+__device__ __forceinline__ void store_segment(T* __restrict__ dst, const T* seg, int count) {
   for (int i = threadIdx.x; i < count / 8; i += kThreads) {
     reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(seg)[i];
   }
 }
 
-// Columns [s0, s0 + width) of a row: width, and width rounded up to 8 (the pad columns up to
-// the row stride get zeros).
-struct Segment {
-  int width, width8;
-};
-__device__ __forceinline__ Segment segment_at(int64_t s0, int64_t cols) {
-  const int width = static_cast<int>(cols - s0 < kSegment ? cols - s0 : kSegment);
-  return {width, static_cast<int>(padded(width))};
+// Calls pair(k, col) for each pair k of the row whose expert falls in columns [s0, s0 + width)
+// of the chunk (col relative to s0). `ids` holds this thread's expert ids relative to the chunk
+// when the row fits in registers (cached), else idx_row is read.
+template <typename Pair>
+__device__ __forceinline__ void for_pairs_in_segment(const int32_t ids[kPairsPerThread],
+                                                     bool cached, const int32_t* idx_row,
+                                                     int64_t top_k, int64_t c0, int s0, int width,
+                                                     Pair&& pair) {
+  if (cached) {
+#pragma unroll
+    for (int j = 0; j < kPairsPerThread; ++j) {
+      const int col = ids[j] - s0;
+      if (col >= 0 && col < width) pair(static_cast<int64_t>(threadIdx.x) + j * kThreads, col);
+    }
+  } else {
+    for (int64_t k = threadIdx.x; k < top_k; k += kThreads) {
+      const int64_t col = idx_row[k] - c0 - s0;
+      if (col >= 0 && col < width) pair(k, static_cast<int>(col));
+    }
+  }
 }
 
-// Pair k = threadIdx.x + j * kThreads of the row: its expert's column relative to c0 when the
-// expert lies in [c0, c0 + cols), else -1.
-__device__ __forceinline__ void load_columns(int32_t col[kPairsPerThread], const int32_t* idx_row,
-                                             int64_t top_k, int64_t c0, int64_t cols) {
+// This thread's expert ids of the row relative to c0 (-1 past the row's end, and where the
+// difference leaves int range: such experts lie outside every chunk column).
+__device__ __forceinline__ void load_ids(int32_t ids[kPairsPerThread], const int32_t* idx_row,
+                                         int64_t top_k, int64_t c0, int64_t cols) {
 #pragma unroll
   for (int j = 0; j < kPairsPerThread; ++j) {
     const int64_t k = static_cast<int64_t>(threadIdx.x) + j * kThreads;
-    const int64_t c = k < top_k ? idx_row[k] - c0 : -1;
-    col[j] = c >= 0 && c < cols ? static_cast<int32_t>(c) : -1;
+    const int64_t col = k < top_k ? idx_row[k] - c0 : -1;
+    ids[j] = col >= 0 && col < cols ? static_cast<int32_t>(col) : -1;
   }
 }
 
 // Forward, one block per row r of the chunk (indices, gates and preact offset to its first
-// token), over all cols = N experts in segments of kSegment columns: for the row's pairs,
-// preact = S[r, e] and A[r, e] = g * act(preact); every other entry of A's row is zero. Rows of
-// K <= 4096 keep their pairs' columns and values in shared memory across the segments; longer
-// rows read their pairs again per segment. Ids are distinct per token (a repeated id would race
-// for one entry).
-template <typename T, Activation act>
-__global__ void __launch_bounds__(kThreads, 1)
+// token): for the row's pairs whose expert e is in [c0, c0 + cols): preact = S[r, e - c0],
+// A[r, e - c0] = g * act(preact); every other entry of A's row is zero. Ids are distinct per
+// token (a repeated id would race for one entry).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
     dense_forward_fill_kernel(const float* __restrict__ s, T* __restrict__ a, int64_t ld,
-                              int64_t cols, const int32_t* __restrict__ idx,
+                              int64_t cols, int64_t c0, const int32_t* __restrict__ idx,
                               const float* __restrict__ gates, float* __restrict__ preact,
-                              int64_t top_k) {
-  __shared__ __align__(16) uint16_t seg[kSegment];
+                              int64_t top_k, Activation act) {
+  __shared__ __align__(16) T seg[kSegment];
   const int64_t r = blockIdx.x;
   const float* s_row = s + r * ld;
   T* a_row = a + r * ld;
   const int32_t* idx_row = idx + r * top_k;
   const float* g_row = gates + r * top_k;
   float* z_row = preact + r * top_k;
-  if (top_k <= kCachedPairs) {  // uniform over the block
-    // Each thread's pairs: column and value staged in shared memory for the segment passes.
-    __shared__ int32_t pair_col[kCachedPairs];
-    __shared__ uint16_t pair_val[kCachedPairs];
-    constexpr int kGroup = kPairsPerThread / 2;
-    int32_t col[kPairsPerThread];
-    load_columns(col, idx_row, top_k, 0, cols);
-#pragma unroll
-    for (int j0 = 0; j0 < kPairsPerThread; j0 += kGroup) {
-      float sv[kGroup], gv[kGroup];
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int j = j0 + i;
-        const int64_t k = static_cast<int64_t>(threadIdx.x) + j * kThreads;
-        sv[i] = col[j] >= 0 ? s_row[col[j]] : 0.0f;
-        gv[i] = col[j] >= 0 ? g_row[k] : 0.0f;
-      }
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int j = j0 + i;
-        const int k = threadIdx.x + j * kThreads;
-        pair_col[k] = col[j];
-        if (col[j] < 0) continue;
-        z_row[k] = sv[i];
-        pair_val[k] = static_cast<uint16_t>(bits_of(store_float<T>(gv[i] * activate(act, sv[i]))));
-      }
-    }
-    for (int64_t s0 = 0; s0 < cols; s0 += kSegment) {
-      const Segment sg = segment_at(s0, cols);
-      zero_segment(seg, sg.width8);
-      __syncthreads();
-      for (int j = 0; j < kPairsPerThread; ++j) {  // this thread's own entries: no barrier
-        const int k = threadIdx.x + j * kThreads;
-        const int c = pair_col[k] - static_cast<int>(s0);
-        if (c >= 0 && c < sg.width) seg[c] = pair_val[k];
-      }
-      __syncthreads();
-      store_segment(a_row + s0, seg, sg.width8);
-      __syncthreads();  // before the next segment zeroes seg
-    }
-    return;
-  }
-  // Longer rows: each segment reads the row's pairs again.
+  const bool cached = top_k <= int64_t{kThreads} * kPairsPerThread;
+  int32_t ids[kPairsPerThread];
+  if (cached) load_ids(ids, idx_row, top_k, c0, cols);
   for (int64_t s0 = 0; s0 < cols; s0 += kSegment) {
-    const Segment sg = segment_at(s0, cols);
-    zero_segment(seg, sg.width8);
+    const int width = static_cast<int>(cols - s0 < kSegment ? cols - s0 : kSegment);
+    const int width8 = static_cast<int>(padded(width));  // <= ld - s0: pad columns get zeros
+    zero_segment(seg, width8);
     __syncthreads();
-    for (int64_t k = threadIdx.x; k < top_k; k += kThreads) {
-      const int64_t c = idx_row[k] - s0;
-      if (c >= 0 && c < sg.width) {
-        const float z = s_row[s0 + c];
-        z_row[k] = z;
-        seg[c] = static_cast<uint16_t>(bits_of(store_float<T>(g_row[k] * activate(act, z))));
-      }
-    }
+    for_pairs_in_segment(ids, cached, idx_row, top_k, c0, static_cast<int>(s0), width,
+                         [&](int64_t k, int col) {
+                           const float z = s_row[s0 + col];
+                           z_row[k] = z;
+                           seg[col] = store_float<T>(g_row[k] * activate(act, z));
+                         });
     __syncthreads();
-    store_segment(a_row + s0, seg, sg.width8);
-    __syncthreads();
+    store_segment(a_row + s0, seg, width8);
+    __syncthreads();  // before the next segment zeroes seg
   }
 }
 
-// Backward, one block per token row r of the chunk's expert columns [c0, c0 + cols), cols <=
-// kSegment (the chunk is one segment, so nothing is kept across segments): for each pair with e
-// in the chunk, s = S[r, e - c0] (= dy_r . V[e]), h = act(preact): dgates = h * s; DA[r, e - c0]
-// = g * s * act'(preact) as a high and a low storage-dtype part (their sum keeps ~16 mantissa
+// Backward, one block per token row r (expert columns [c0, c0 + cols)): for each pair with e in
+// the chunk, s = S[r, e - c0] (= dy_r . V[e]), h = act(preact): dgates = h * s; DA[r, e - c0] =
+// g * s * act'(preact) as a high and a low storage-dtype part (their sum keeps ~16 mantissa
 // bits: rounding da to bf16 alone failed the tolerance on dW, where large terms cancel);
-// G[r, e - c0] = g * h. Every other entry of the three rows is zero. The row's pairs go in
-// batches of kCachedPairs, each thread's loads of a batch issued in two groups.
-template <typename T, Activation act>
+// G[r, e - c0] = g * h. Every other entry of the three rows is zero.
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dense_backward_fill_kernel(const float* __restrict__ s, T* __restrict__ da_high,
                                T* __restrict__ da_low, T* __restrict__ gh, int64_t ld, int64_t cols,
                                int64_t c0, const int32_t* __restrict__ idx,
                                const float* __restrict__ gates, const float* __restrict__ preact,
-                               float* __restrict__ dgates, int64_t top_k) {
-  __shared__ __align__(16) uint16_t seg_high[kSegment];
-  __shared__ __align__(16) uint16_t seg_low[kSegment];
-  __shared__ __align__(16) uint16_t seg_g[kSegment];
-  constexpr int kGroup = kPairsPerThread / 2;
+                               float* __restrict__ dgates, int64_t top_k, Activation act) {
+  __shared__ __align__(16) T seg_high[kSegment];
+  __shared__ __align__(16) T seg_low[kSegment];
+  __shared__ __align__(16) T seg_g[kSegment];
   const int64_t r = blockIdx.x;
   const float* s_row = s + r * ld;
-  const int width8 = static_cast<int>(padded(cols));  // cols <= kSegment
-  zero_segment(seg_high, width8);
-  zero_segment(seg_low, width8);
-  zero_segment(seg_g, width8);
-  __syncthreads();
-  for (int64_t k0 = 0; k0 < top_k; k0 += kCachedPairs) {
-    const int64_t base = r * top_k + k0;  // pair k0 + threadIdx.x + j * kThreads of the row
-    int32_t col[kPairsPerThread];
-    load_columns(col, idx + base, top_k - k0, c0, cols);
-#pragma unroll
-    for (int j0 = 0; j0 < kPairsPerThread; j0 += kGroup) {
-      float sv[kGroup], zv[kGroup], gv[kGroup];
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int j = j0 + i;
-        const int64_t p = base + threadIdx.x + j * kThreads;
-        sv[i] = col[j] >= 0 ? s_row[col[j]] : 0.0f;
-        zv[i] = col[j] >= 0 ? preact[p] : 0.0f;
-        gv[i] = col[j] >= 0 ? gates[p] : 0.0f;
-      }
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int j = j0 + i;
-        if (col[j] < 0) continue;
-        const float h = activate(act, zv[i]);
-        const float dav = gv[i] * sv[i] * activate_grad(act, zv[i]);
-        const T high = store_float<T>(dav);
-        dgates[base + threadIdx.x + j * kThreads] = h * sv[i];
-        seg_high[col[j]] = static_cast<uint16_t>(bits_of(high));
-        seg_low[col[j]] = static_cast<uint16_t>(bits_of(store_float<T>(dav - load_float(high))));
-        seg_g[col[j]] = static_cast<uint16_t>(bits_of(store_float<T>(gv[i] * h)));
-      }
-    }
+  const int32_t* idx_row = idx + r * top_k;
+  const float* g_row = gates + r * top_k;
+  const float* z_row = preact + r * top_k;
+  float* dg_row = dgates + r * top_k;
+  const bool cached = top_k <= int64_t{kThreads} * kPairsPerThread;
+  int32_t ids[kPairsPerThread];
+  if (cached) load_ids(ids, idx_row, top_k, c0, cols);
+  for (int64_t s0 = 0; s0 < cols; s0 += kSegment) {
+    const int width = static_cast<int>(cols - s0 < kSegment ? cols - s0 : kSegment);
+    const int width8 = static_cast<int>(padded(width));
+    zero_segment(seg_high, width8);
+    zero_segment(seg_low, width8);
+    zero_segment(seg_g, width8);
+    __syncthreads();
+    for_pairs_in_segment(ids, cached, idx_row, top_k, c0, static_cast<int>(s0), width,
+                         [&](int64_t k, int col) {
+                           const float sv = s_row[s0 + col];
+                           const float z = z_row[k];
+                           const float g = g_row[k];
+                           const float h = activate(act, z);
+                           dg_row[k] = h * sv;
+                           const float dav = g * sv * activate_grad(act, z);
+                           const T high = store_float<T>(dav);
+                           seg_high[col] = high;
+                           seg_low[col] = store_float<T>(dav - load_float(high));
+                           seg_g[col] = store_float<T>(g * h);
+                         });
+    __syncthreads();
+    const int64_t off = r * ld + s0;
+    store_segment(da_high + off, seg_high, width8);
+    store_segment(da_low + off, seg_low, width8);
+    store_segment(gh + off, seg_g, width8);
+    __syncthreads();
   }
-  __syncthreads();
-  const int64_t off = r * ld;
-  store_segment(da_high + off, seg_high, width8);
-  store_segment(da_low + off, seg_low, width8);
-  store_segment(gh + off, seg_g, width8);
 }
 
 // dst (storage dtype, any row stride) = src (f32, dense [rows, cols]), plus dst when accumulate.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    store_sum_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t rows, int64_t cols,
-                     int64_t dst_stride, bool accumulate) {
+    store_sum_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t rows,
+                     int64_t cols, int64_t dst_stride, bool accumulate) {
   const int64_t total = rows * cols;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -355,27 +308,9 @@ void store_sum(const float* src, const TensorView& dst, bool accumulate, cudaStr
   if (total == 0) return;
   const auto blocks =
       static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kThreads), 65535 * 4));
-  store_sum_kernel<T><<<blocks, kThreads, 0, stream>>>(src, static_cast<T*>(dst.data), dst.shape[0],
-                                                       dst.shape[1], dst.strides[0], accumulate);
+  store_sum_kernel<T><<<blocks, kThreads, 0, stream>>>(
+      src, static_cast<T*>(dst.data), dst.shape[0], dst.shape[1], dst.strides[0], accumulate);
   OMNIMOE_CUDA_CHECK_LAUNCH("store_sum_kernel");
-}
-
-// Calls fn(std::integral_constant<Activation, act>{}): the fill kernels are compiled per
-// activation (one formula per kernel keeps their registers under the cap).
-template <typename Fn>
-void dispatch_activation(Activation act, Fn&& fn) {
-  switch (act) {
-    case Activation::silu:
-      fn(std::integral_constant<Activation, Activation::silu>{});
-      return;
-    case Activation::gelu:
-      fn(std::integral_constant<Activation, Activation::gelu>{});
-      return;
-    case Activation::relu:
-      fn(std::integral_constant<Activation, Activation::relu>{});
-      return;
-  }
-  OMNIMOE_FAIL("experts dense: unknown activation ", static_cast<int>(act));
 }
 
 unsigned row_blocks(int64_t rows) {
@@ -406,7 +341,7 @@ template <typename T>
 void forward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& w,
                    const TensorView& indices, const TensorView& gates, const TensorView& y,
                    bool accumulate, const TensorView& preact, Buffer workspace, const Exec& exec) {
-  const int64_t tokens = x.shape[0], n = cfg.num_experts(), K = cfg.top_k;
+  const int64_t tokens = x.shape[0], n = cfg.num_experts(), K = cfg.top_k, d = cfg.hidden;
   const DType dtype = x.dtype;
   const cudaStream_t stream = stream_of(exec);
   const Chunking c = chunking(cfg, tokens, dtype, Direction::forward);
@@ -415,19 +350,33 @@ void forward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWeig
   const auto* g = static_cast<const float*>(gates.data);
   auto* z = static_cast<float*>(preact.data);
   auto* a = static_cast<T*>(ws.coef);
-  for (int64_t t0 = 0; t0 < tokens; t0 += c.size) {
-    const int64_t rows = std::min(c.size, tokens - t0);
-    const TensorView s = TensorView::matrix(ws.s, DType::f32, rows, n, c.ld, exec.device);
-    const TensorView av = TensorView::matrix(a, dtype, rows, n, c.ld, exec.device);
-    gemm(rows_of(x, t0, rows), false, w.up, true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
-    dispatch_activation(cfg.act, [&](auto act) {
-      dense_forward_fill_kernel<T, decltype(act)::value><<<row_blocks(rows), kThreads, 0, stream>>>(
-          ws.s, a, c.ld, n, idx + t0 * K, g + t0 * K, z + t0 * K, K);
-    });
-    OMNIMOE_CUDA_CHECK_LAUNCH("dense_forward_fill_kernel");
-    gemm(av, false, w.down, false, rows_of(y, t0, rows), 1.0f, accumulate ? 1.0f : 0.0f, ws.gemm_ws,
-         exec);
+  if (!c.by_experts) {
+    for (int64_t t0 = 0; t0 < tokens; t0 += c.size) {
+      const int64_t rows = std::min(c.size, tokens - t0);
+      const TensorView s = TensorView::matrix(ws.s, DType::f32, rows, n, c.ld, exec.device);
+      const TensorView av = TensorView::matrix(a, dtype, rows, n, c.ld, exec.device);
+      gemm(rows_of(x, t0, rows), false, w.up, true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
+      dense_forward_fill_kernel<T><<<row_blocks(rows), kThreads, 0, stream>>>(
+          ws.s, a, c.ld, n, 0, idx + t0 * K, g + t0 * K, z + t0 * K, K, cfg.act);
+      OMNIMOE_CUDA_CHECK_LAUNCH("dense_forward_fill_kernel");
+      gemm(av, false, w.down, false, rows_of(y, t0, rows), 1.0f, accumulate ? 1.0f : 0.0f,
+           ws.gemm_ws, exec);
+    }
+    return;
   }
+  const TensorView y_sum = TensorView::matrix(ws.sum, DType::f32, tokens, d, d, exec.device);
+  for (int64_t ci = 0; ci < c.count; ++ci) {
+    const int64_t e0 = ci * c.size, cols = std::min(c.size, n - e0);
+    const TensorView s = TensorView::matrix(ws.s, DType::f32, tokens, cols, c.ld, exec.device);
+    const TensorView av = TensorView::matrix(a, dtype, tokens, cols, c.ld, exec.device);
+    gemm(x, false, rows_of(w.up, e0, cols), true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
+    dense_forward_fill_kernel<T><<<row_blocks(tokens), kThreads, 0, stream>>>(
+        ws.s, a, c.ld, cols, e0, idx, g, z, K, cfg.act);
+    OMNIMOE_CUDA_CHECK_LAUNCH("dense_forward_fill_kernel");
+    gemm(av, false, rows_of(w.down, e0, cols), false, y_sum, 1.0f, ci == 0 ? 0.0f : 1.0f,
+         ws.gemm_ws, exec);
+  }
+  store_sum<T>(ws.sum, y, accumulate, stream);
 }
 
 template <typename T>
@@ -465,17 +414,15 @@ void backward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWei
     const TensorView da_both = TensorView::matrix(da, dtype, 2 * tokens, cols, c.ld, exec.device);
     const TensorView ghv = TensorView::matrix(gh, dtype, tokens, cols, c.ld, exec.device);
     gemm(dy, false, rows_of(w.down, e0, cols), true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
-    dispatch_activation(cfg.act, [&](auto act) {
-      dense_backward_fill_kernel<T, decltype(act)::value>
-          <<<row_blocks(tokens), kThreads, 0, stream>>>(ws.s, da, da + tokens * c.ld, gh, c.ld,
-                                                        cols, e0, idx, g, z, dg, K);
-    });
+    dense_backward_fill_kernel<T><<<row_blocks(tokens), kThreads, 0, stream>>>(
+        ws.s, da, da + tokens * c.ld, gh, c.ld, cols, e0, idx, g, z, dg, K, cfg.act);
     OMNIMOE_CUDA_CHECK_LAUNCH("dense_backward_fill_kernel");
     // dx sums over chunks in fp32; dW and dV rows of the chunk are written once (rows of
     // experts nobody chose come out zero).
     gemm(da_high, false, rows_of(w.up, e0, cols), false, dx_sum, 1.0f, ci == 0 ? 0.0f : 1.0f,
          ws.gemm_ws, exec);
-    gemm(da_both, true, x_twice, false, rows_of(grads.up, e0, cols), 1.0f, 0.0f, ws.gemm_ws, exec);
+    gemm(da_both, true, x_twice, false, rows_of(grads.up, e0, cols), 1.0f, 0.0f, ws.gemm_ws,
+         exec);
     gemm(ghv, true, dy, false, rows_of(grads.down, e0, cols), 1.0f, 0.0f, ws.gemm_ws, exec);
   }
   store_sum<T>(ws.sum, dx, accumulate_dx, stream);
