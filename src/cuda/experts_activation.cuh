@@ -1,5 +1,5 @@
 // The atomic experts' activation and its derivative on the device, shared by the CUDA
-// executions that apply them per pair (gather, dense): the formulas of the CPU backend (gelu: the
+// executions that apply them per pair (gather, tiled, dense): the formulas of the CPU backend (gelu: the
 // exact erf form), in float or double.
 #pragma once
 

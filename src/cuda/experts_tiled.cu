@@ -30,6 +30,7 @@
 
 #include "backend/backend.h"
 #include "cuda/cuda_common.cuh"
+#include "cuda/experts_activation.cuh"
 
 namespace omnimoe::cuda {
 namespace {
@@ -47,33 +48,6 @@ constexpr int kTokMaxWindow = 512;  // slots of the coefficient block held in sh
 constexpr int kExpBN = 128;
 
 constexpr int kFixedPointBits = 60;  // |sum| < 2^60 in the 64-bit fixed-point accumulators
-
-// ------------------------------------------------------------------------------------------
-// Activations: the formulas of the CPU backend.
-__device__ __forceinline__ float act_value(Activation act, float z) {
-  switch (act) {
-    case Activation::silu: return z / (1.0f + expf(-z));
-    case Activation::gelu: return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
-    case Activation::relu: return z > 0.0f ? z : 0.0f;
-  }
-  return z;
-}
-
-__device__ __forceinline__ float act_grad(Activation act, float z) {
-  switch (act) {
-    case Activation::silu: {
-      const float s = 1.0f / (1.0f + expf(-z));
-      return s * (1.0f + z * (1.0f - s));
-    }
-    case Activation::gelu: {
-      const float cdf = 0.5f * (1.0f + erff(z * 0.70710678118654752f));
-      const float pdf = expf(-0.5f * z * z) * 0.3989422804014327f;
-      return cdf + z * pdf;
-    }
-    case Activation::relu: return z > 0.0f ? 1.0f : 0.0f;
-  }
-  return 1.0f;
-}
 
 // ------------------------------------------------------------------------------------------
 // Tensor-core and copy primitives (sm_80+).
@@ -703,12 +677,12 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
         float c;
         if constexpr (!kBackward) {
           p.preact[t * p.preact_stride + k] = val;
-          c = gate * act_value(p.act, val);
+          c = gate * activate(p.act, val);
         } else {
           const float z = __int_as_float(rec.z);
-          const float h = act_value(p.act, z);
+          const float h = activate(p.act, z);
           p.dgates[t * p.dgates_stride + k] = h * val;
-          c = gate * val * act_grad(p.act, z);
+          c = gate * val * activate_grad(p.act, z);
           p.coef2[q] = gate * h;
         }
         p.coef[q] = c;

@@ -10,6 +10,8 @@
 
 #include <string>
 
+#include "cuda/experts_activation.cuh"
+
 namespace omnimoe::tool {
 
 [[noreturn]] void throw_cuda(const char* call, const char* error_name, const char* message);
@@ -53,11 +55,9 @@ __device__ __forceinline__ __half from_f32<__half>(float v) {
   return __float2half_rn(v);
 }
 
-// act(v) for omnimoe::Activation (silu, exact gelu, relu) and its derivative.
+// act(v) for omnimoe::Activation passed as an int: the library's formulas.
 __device__ __forceinline__ float activate(float v, int act) {
-  if (act == static_cast<int>(Activation::silu)) return v / (1.0f + __expf(-v));
-  if (act == static_cast<int>(Activation::gelu)) return 0.5f * v * (1.0f + erff(v * 0.70710678f));
-  return v > 0.0f ? v : 0.0f;
+  return cuda::activate(static_cast<Activation>(act), v);
 }
 
 // `exec` with its stream replaced: the baselines take their stream per call.
