@@ -2,9 +2,11 @@
 # The router's open questions on the device: its tests, then its timing test under each variant
 # of the warp selection (OMNIMOE_ROUTER_WARP_CTAS=4|5|6 register caps, OMNIMOE_ROUTER_FORWARD=
 # unfused), sanitizers on small cases of the new kernels, and ncu per kernel at pool-1m-k16.
-# At f001680 the bench's selection at pool-1m-k16 took 0.055 ms (default: 6 CTAs, fused)
+# At f001680 the bench's selection at pool-1m-k16 took 0.055 ms (default: 6 CTAs)
 # against 0.028 ms for an earlier version of the kernel (4 CTAs) on the same card: this decides
-# the default. Logs in $OUT/router.tgz.
+# the default. ptxas reports spills in the 32-items-per-lane warp kernels (axes of 513-1024,
+# pool-1m): fused and 16-byte rows 60/84 bytes at 6 CTAs, 48/64 at 5, 28/28 at 4; the unfused
+# 16-byte kernel at 6 CTAs does not spill. Logs in $OUT/router.tgz.
 set -u
 L=${OUT:-/tmp/omnimoe_out}/router
 mkdir -p "$L"

@@ -230,21 +230,6 @@ __global__ void __launch_bounds__(kDlogitsWarps * 32)
   }
 }
 
-// kWidth floats from p (kWidth = 4: one aligned float4).
-template <int kWidth>
-__device__ __forceinline__ void load_floats(const float* __restrict__ p, float (&v)[kWidth]) {
-  if constexpr (kWidth == 4) {
-    const float4 x = *reinterpret_cast<const float4*>(p);
-    v[0] = x.x;
-    v[1] = x.y;
-    v[2] = x.z;
-    v[3] = x.w;
-  } else {
-#pragma unroll
-    for (int i = 0; i < kWidth; ++i) v[i] = p[i];
-  }
-}
-
 // dL[t, c] in the compute type: batch-norm backward of dz (two dense f32 [T, n] halves). A thread
 // takes kWidth adjacent columns of one half (kWidth = 4: N_r and N_c multiples of 4).
 template <typename CT, int kWidth>

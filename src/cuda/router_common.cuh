@@ -159,4 +159,19 @@ __host__ __device__ constexpr uint32_t next_pow2(uint32_t n) {
   return p;
 }
 
+// kWidth floats from p (kWidth = 4: one aligned float4, so p must be 16-byte aligned).
+template <int kWidth>
+__device__ __forceinline__ void load_floats(const float* __restrict__ p, float (&v)[kWidth]) {
+  if constexpr (kWidth == 4) {
+    const float4 x = *reinterpret_cast<const float4*>(p);
+    v[0] = x.x;
+    v[1] = x.y;
+    v[2] = x.z;
+    v[3] = x.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) v[i] = p[i];
+  }
+}
+
 }  // namespace omnimoe::cuda::router_detail

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/router_common.cuh"
 
 namespace omnimoe::cuda::router_detail {
 namespace {
@@ -44,16 +45,7 @@ __device__ __forceinline__ TileColumns tile_columns(const ColumnPair& p, int til
 template <int kWidth>
 __device__ __forceinline__ void load_columns(const float* base, int64_t row, int ld, int c,
                                              float (&v)[kWidth]) {
-  const float* p = base + row * ld + c;
-  if constexpr (kWidth == 4) {
-    const float4 x = *reinterpret_cast<const float4*>(p);
-    v[0] = x.x;
-    v[1] = x.y;
-    v[2] = x.z;
-    v[3] = x.w;
-  } else {
-    v[0] = *p;
-  }
+  load_floats<kWidth>(base + row * ld + c, v);
 }
 
 // Sums red[0..kTileRows)[c] in row order.

@@ -688,11 +688,6 @@ __device__ __forceinline__ uint32_t entry_key(uint64_t e) {
   return ~static_cast<uint32_t>(e >> 32);
 }
 
-// Whether a value is at or above an axis's bound thr (-inf: every entry of the row, NaN too).
-__device__ __forceinline__ bool at_bound(float v, float thr, bool valid) {
-  return valid && (thr == -INFINITY || v >= thr);
-}
-
 // Ranks of the entries e[0, kSlots) among buf[0, n) (entries are distinct).
 template <int kSlots>
 __device__ __forceinline__ void count_below(const uint64_t* buf, int n, const uint64_t (&e)[4],
