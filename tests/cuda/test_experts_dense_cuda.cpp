@@ -4,8 +4,6 @@
 // OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS), coefficient rows longer than one shared-memory segment,
 // K beyond the 4096 pairs a fill block takes at once, bitwise repeatability, CUDA graph capture,
 // the T = 0 backward, and the dispatcher's choice and naming of the path; a disabled timing test.
-// (The case builder of test_experts_cuda.cpp lives in that file's anonymous namespace; this is
-// a smaller one for this path's cases.)
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
@@ -14,75 +12,18 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
-#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "cuda/gemm.h"
-#include "cuda_test_support.h"
+#include "experts_problem.h"
 
 namespace omnimoe::test {
 namespace {
 
-constexpr const char* kPathVar = "OMNIMOE_EXPERTS_PATH";
 constexpr const char* kChunkTokensVar = "OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS";
 constexpr const char* kChunkExpertsVar = "OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS";
-
-// Sets (or, with nullptr, unsets) an environment variable for the scope, restoring it after.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = std::string(old);
-    if (value) {
-      setenv(name, value, 1);
-    } else {
-      unsetenv(name);
-    }
-  }
-  ~ScopedEnv() {
-    if (old_) {
-      setenv(name_, old_->c_str(), 1);
-    } else {
-      unsetenv(name_);
-    }
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
-
-// i32 [T, K]: K distinct experts per token, uniform over [0, pool) (pool < N leaves experts
-// nobody chose, whose gradient rows must be zero).
-HostTensor make_indices(int64_t tokens, int64_t K, int64_t pool, uint64_t seed) {
-  HostTensor idx(DType::i32, {tokens, K});
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> ids(static_cast<size_t>(pool));
-  for (int64_t t = 0; t < tokens; ++t) {
-    std::iota(ids.begin(), ids.end(), 0);
-    for (int64_t k = 0; k < K; ++k) {  // partial Fisher-Yates: a uniform K-subset
-      std::uniform_int_distribution<int64_t> pick(k, pool - 1);
-      std::swap(ids[k], ids[pick(rng)]);
-    }
-    for (int64_t k = 0; k < K; ++k) idx.set(t * K + k, ids[k]);
-  }
-  return idx;
-}
-
-// The schedule by a stable counting sort on the host (the CPU backend reads it).
-void host_schedule(const HostTensor& indices, int64_t N, HostTensor& offsets, HostTensor& order) {
-  const int64_t pairs = indices.numel();
-  std::vector<int64_t> count(static_cast<size_t>(N + 1), 0);
-  for (int64_t p = 0; p < pairs; ++p) ++count[static_cast<size_t>(indices.get(p)) + 1];
-  for (int64_t e = 0; e < N; ++e) count[e + 1] += count[e];
-  for (int64_t e = 0; e <= N; ++e) offsets.set(e, static_cast<double>(count[e]));
-  for (int64_t p = 0; p < pairs; ++p) {
-    order.set(count[static_cast<size_t>(indices.get(p))]++, static_cast<double>(p));
-  }
-}
 
 struct DenseCase {
   DType dtype;
@@ -104,109 +45,16 @@ std::string case_name(const DenseCase& c) {
   return s;
 }
 
-// Every tensor of one experts call, on both backends.
-struct DenseProblem {
-  LayerConfig cfg;
-  DType dtype;
-  int64_t T, d, N, K, busiest = 0;
-  std::vector<int64_t> unchosen;
-  MirroredTensor x, up, down, indices, gates, offsets, order, dy;
-  MirroredTensor y, preact, dx, dup, ddown, dgates;
-
-  DenseProblem(const DenseCase& c, uint64_t seed)
-      : dtype(c.dtype),
-        T(c.tokens),
-        d(c.hidden),
-        N(c.grid_rows * c.grid_cols),
-        K(c.top_k),
-        // W scaled so pre-activations are O(1); V, x, dy O(1); gates in [0.05, 1).
-        x(make_random(c.dtype, {c.tokens, c.hidden}, seed + 1, c.pad)),
-        up(make_random(c.dtype, {N, c.hidden}, seed + 2, c.pad,
-                       -std::sqrt(3.0 / static_cast<double>(c.hidden)),
-                       std::sqrt(3.0 / static_cast<double>(c.hidden)))),
-        down(make_random(c.dtype, {N, c.hidden}, seed + 3)),
-        indices(make_indices(c.tokens, c.top_k, c.half_pool ? std::max<int64_t>(c.top_k, N / 2) : N,
-                             seed + 4)),
-        gates(make_random(DType::f32, {c.tokens, c.top_k}, seed + 5, 0, 0.05, 1.0)),
-        offsets(HostTensor(DType::i32, {N + 1})),
-        order(HostTensor(DType::i32, {c.tokens * c.top_k})),
-        dy(make_random(c.dtype, {c.tokens, c.hidden}, seed + 6, c.pad)),
-        y(HostTensor(c.dtype, {c.tokens, c.hidden}, c.pad)),
-        preact(HostTensor(DType::f32, {c.tokens, c.top_k})),
-        dx(HostTensor(c.dtype, {c.tokens, c.hidden}, c.pad)),
-        dup(HostTensor(c.dtype, {N, c.hidden})),
-        ddown(HostTensor(c.dtype, {N, c.hidden}, c.pad)),
-        dgates(HostTensor(DType::f32, {c.tokens, c.top_k})) {
-    cfg.hidden = c.hidden;
-    cfg.grid_rows = c.grid_rows;
-    cfg.grid_cols = c.grid_cols;
-    cfg.top_k = c.top_k;
-    cfg.act = c.act;
-    host_schedule(indices.host, N, offsets.host, order.host);
-    offsets.device.copy_from(offsets.host);
-    order.device.copy_from(order.host);
-    std::vector<int64_t> count(static_cast<size_t>(N), 0);
-    for (int64_t p = 0; p < T * K; ++p) ++count[static_cast<size_t>(indices.host.get(p))];
-    busiest = T > 0 ? *std::max_element(count.begin(), count.end()) : 0;
-    for (int64_t e = 0; e < N; ++e) {
-      if (count[e] == 0) unchosen.push_back(e);
-    }
-  }
-
-  ExpertWeights weights(const Exec& e) const { return {up.view(e), down.view(e)}; }
-  Schedule schedule(const Exec& e) const { return {offsets.view(e), order.view(e)}; }
-
-  void forward(bool accumulate, const Exec& e) {
-    Scratch ws(e, experts_forward_workspace_bytes(cfg, T, dtype, e));
-    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e), y.view(e),
-                    accumulate, preact.view(e), ws.buffer(), e);
-  }
-  void backward(bool accumulate_dx, const Exec& e) {
-    Scratch ws(e, experts_backward_workspace_bytes(cfg, T, dtype, e));
-    experts_backward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e), preact.view(e),
-                     schedule(e), dy.view(e), dx.view(e), accumulate_dx,
-                     {dup.view(e), ddown.view(e)}, dgates.view(e), ws.buffer(), e);
-  }
-
-  // y and dx start poisoned, or random (the same on both sides) when the op adds to them.
-  void reset_outputs(bool accumulate, uint64_t seed) {
-    for (MirroredTensor* t : {&y, &dx}) {
-      if (accumulate) {
-        t->host.fill_uniform(seed++);
-        t->device.copy_from(t->host);
-      } else {
-        t->poison();
-      }
-    }
-    for (MirroredTensor* t : {&preact, &dup, &ddown, &dgates}) t->poison();
-    OMNIMOE_TEST_CUDA_CHECK(cudaDeviceSynchronize());  // cudaMemset runs on the legacy stream
-  }
-
-  // Backward reads the CPU's preact on both sides.
-  void share_cpu_preact() {
-    preact.device.copy_from(preact.host);
-    OMNIMOE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
-  }
-
-  void expect_forward_close() {
-    expect_close(y.fetch(), y.host, tolerance_for(dtype, K), "y");
-    expect_close(preact.fetch(), preact.host, tolerance_for(DType::f32, d), "preact");
-  }
-  void expect_backward_close() {
-    expect_close(dx.fetch(), dx.host, tolerance_for(dtype, K), "dx");
-    expect_close(dgates.fetch(), dgates.host, tolerance_for(DType::f32, d), "dgates");
-    const HostTensor dup_got = dup.fetch(), ddown_got = ddown.fetch();
-    const int64_t terms = std::max<int64_t>(1, busiest);
-    expect_close(dup_got, dup.host, tolerance_for(dtype, terms), "grads.up (dW)");
-    expect_close(ddown_got, ddown.host, tolerance_for(dtype, terms), "grads.down (dV)");
-    for (int64_t e : unchosen) {
-      for (int64_t j = 0; j < d; ++j) {
-        ASSERT_EQ(dup_got.at(e, j), 0.0) << "dW row of unchosen expert " << e;
-        ASSERT_EQ(ddown_got.at(e, j), 0.0) << "dV row of unchosen expert " << e;
-      }
-    }
-  }
-};
+ExpertsProblem problem_of(const DenseCase& c, uint64_t seed) {
+  const int64_t N = c.grid_rows * c.grid_cols;
+  const ExpertsShape shape{c.dtype, c.tokens,  c.hidden, c.grid_rows, c.grid_cols,
+                           c.top_k, c.act,     c.pad,    false};
+  return ExpertsProblem(
+      shape,
+      uniform_indices(c.tokens, c.top_k, c.half_pool ? std::max<int64_t>(c.top_k, N / 2) : N,
+                      seed + 4),
+      seed);
+}
 
 uint64_t seed_of(const DenseCase& c) {
   return 9100 +
@@ -221,7 +69,7 @@ struct DenseScope {
   ScopedEnv chunk_tokens;
   ScopedEnv chunk_experts;
   explicit DenseScope(int64_t chunk)
-      : path(kPathVar, "dense"),
+      : path(kExpertsPathVar, "dense"),
         chunk_tokens(kChunkTokensVar, chunk ? std::to_string(chunk).c_str() : nullptr),
         chunk_experts(kChunkExpertsVar, chunk ? std::to_string(chunk).c_str() : nullptr) {}
 };
@@ -232,7 +80,7 @@ TEST_P(ExpertsDenseCuda, ForwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk);
-  DenseProblem P(c, seed_of(c));
+  ExpertsProblem P = problem_of(c, seed_of(c));
   ASSERT_STREQ(experts_execution(P.cfg, P.T, P.dtype, cuda_exec(nullptr)), "dense");
   P.reset_outputs(false, 1);
   run_on_cpu_and_cuda([&](const Exec& e) { P.forward(false, e); });
@@ -243,7 +91,7 @@ TEST_P(ExpertsDenseCuda, ForwardAccumulatesIntoY) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk);
-  DenseProblem P(c, seed_of(c));
+  ExpertsProblem P = problem_of(c, seed_of(c));
   P.reset_outputs(true, 2);
   run_on_cpu_and_cuda([&](const Exec& e) { P.forward(true, e); });
   P.expect_forward_close();
@@ -253,7 +101,7 @@ TEST_P(ExpertsDenseCuda, BackwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk);
-  DenseProblem P(c, seed_of(c));
+  ExpertsProblem P = problem_of(c, seed_of(c));
   P.reset_outputs(false, 3);
   P.forward(false, cpu_exec());
   P.share_cpu_preact();
@@ -265,7 +113,7 @@ TEST_P(ExpertsDenseCuda, BackwardAccumulatesIntoDx) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk);
-  DenseProblem P(c, seed_of(c));
+  ExpertsProblem P = problem_of(c, seed_of(c));
   P.reset_outputs(true, 5);
   P.forward(false, cpu_exec());  // the CPU's preact; dx stays as reset, the same on both sides
   P.share_cpu_preact();
@@ -321,7 +169,7 @@ TEST(ExpertsDenseCudaDeterminism, bf16_T700_d96_Nr16_Nc16_K24_chunk128_TwoRunsBi
   OMNIMOE_SKIP_WITHOUT_GPU();
   DenseScope scope(128);
   const DenseCase c{DType::bf16, 700, 96, 16, 16, 24, kSilu, false, 0, 128};
-  DenseProblem P(c, 21);
+  ExpertsProblem P = problem_of(c, 21);
   CudaStream s;
   const Exec e = cuda_exec(s.get());
   HostTensor out[2][6];
@@ -345,7 +193,7 @@ TEST(ExpertsDenseCudaGraph, bf16_T257_d64_Nr8_Nc8_K5_chunk100_CapturedAndReplaye
   OMNIMOE_SKIP_WITHOUT_GPU();
   DenseScope scope(100);
   const DenseCase c{DType::bf16, 257, 64, 8, 8, 5, kGelu, false, 0, 100};
-  DenseProblem P(c, 31);
+  ExpertsProblem P = problem_of(c, 31);
   CudaStream s;
   const Exec e = cuda_exec(s.get());
   DeviceBuffer fws(experts_forward_workspace_bytes(P.cfg, P.T, P.dtype, e));
@@ -383,7 +231,7 @@ TEST(ExpertsDenseCudaEdge, NoTokensBackwardZeroesWeightGrads) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   DenseScope scope(0);
   const DenseCase c{DType::bf16, 0, 64, 4, 5, 3, kSilu, false, 3, 0};
-  DenseProblem P(c, 12);
+  ExpertsProblem P = problem_of(c, 12);
   P.reset_outputs(false, 1);
   CudaStream s;
   P.backward(false, cuda_exec(s.get()));
@@ -398,7 +246,7 @@ TEST(ExpertsDenseCudaHarness, ComparisonCatchesOneWrongElement) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   DenseScope scope(64);
   const DenseCase c{DType::bf16, 257, 37, 19, 23, 7, kSilu, false, 0, 64};
-  DenseProblem P(c, 11);
+  ExpertsProblem P = problem_of(c, 11);
   P.reset_outputs(false, 1);
   run_on_cpu_and_cuda([&](const Exec& e) { P.forward(false, e); });
   HostTensor got = P.y.fetch();
@@ -418,7 +266,7 @@ TEST(ExpertsDenseCudaExecution, ChosenByDensityAndForced) {
   cfg.grid_cols = 320;
   const Exec e = cuda_exec(nullptr);
   {
-    ScopedEnv env(kPathVar, nullptr);
+    ScopedEnv env(kExpertsPathVar, nullptr);
     cfg.top_k = 4096;  // paper-k4096-t4k: K/N = 4%
     EXPECT_STREQ(experts_execution(cfg, 4096, DType::bf16, e), "dense");
     EXPECT_STREQ(experts_execution(cfg, 4096, DType::f16, e), "dense");
@@ -430,7 +278,7 @@ TEST(ExpertsDenseCudaExecution, ChosenByDensityAndForced) {
     EXPECT_EQ(name.find("dense"), std::string::npos) << name;
   }
   {
-    ScopedEnv env(kPathVar, "dense");
+    ScopedEnv env(kExpertsPathVar, "dense");
     cfg.grid_rows = cfg.grid_cols = 16;
     cfg.top_k = 1;
     EXPECT_STREQ(experts_execution(cfg, 4096, DType::bf16, e), "dense");
@@ -506,7 +354,7 @@ void time_dense(const TimedShape& sh) {
   DeviceTensor d_idx(idx), d_off(offsets), d_order(order);
   const Schedule sched{d_off.view(), d_order.view()};
 
-  ScopedEnv path(kPathVar, "dense");
+  ScopedEnv path(kExpertsPathVar, "dense");
   const int warm = 2, iters = 5;
   DeviceBuffer fws(experts_forward_workspace_bytes(cfg, T, bf, e));
   const double fwd_ms = median_ms(

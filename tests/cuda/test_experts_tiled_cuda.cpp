@@ -13,38 +13,20 @@
 #include <cstring>
 #include <functional>
 #include <numeric>
-#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "cuda/experts_tiled.cuh"
 #include "cuda/gemm.h"
-#include "cuda_test_support.h"
+#include "experts_problem.h"
 
 namespace omnimoe::test {
 namespace {
 
 // Forces the tiled path for the scope.
-class ForceTiledPath {
- public:
-  ForceTiledPath() {
-    if (const char* old = std::getenv(kVar)) old_ = std::string(old);
-    setenv(kVar, "tiled", 1);
-  }
-  ~ForceTiledPath() {
-    if (old_) {
-      setenv(kVar, old_->c_str(), 1);
-    } else {
-      unsetenv(kVar);
-    }
-  }
-  ForceTiledPath(const ForceTiledPath&) = delete;
-  ForceTiledPath& operator=(const ForceTiledPath&) = delete;
-
- private:
-  static constexpr const char* kVar = "OMNIMOE_EXPERTS_PATH";
-  std::optional<std::string> old_;
+struct ForceTiledPath {
+  ScopedEnv path{kExpertsPathVar, "tiled"};
 };
 
 enum class Routing {
@@ -90,21 +72,6 @@ HostTensor make_routing(int64_t T, int64_t Nr, int64_t Nc, int64_t K, Routing ro
   return idx;
 }
 
-// Stable counting sort by expert on the host.
-void host_schedule(const HostTensor& indices, int64_t N, HostTensor& offsets,
-                   HostTensor& order) {
-  const int64_t pairs = indices.numel();
-  offsets = HostTensor(DType::i32, {N + 1});
-  order = HostTensor(DType::i32, {pairs});
-  std::vector<int64_t> count(static_cast<size_t>(N + 1), 0);
-  for (int64_t p = 0; p < pairs; ++p) ++count[static_cast<size_t>(indices.get(p)) + 1];
-  for (int64_t e = 0; e < N; ++e) count[e + 1] += count[e];
-  for (int64_t e = 0; e <= N; ++e) offsets.set(e, static_cast<double>(count[e]));
-  for (int64_t p = 0; p < pairs; ++p) {
-    order.set(count[static_cast<size_t>(indices.get(p))]++, static_cast<double>(p));
-  }
-}
-
 struct TiledCase {
   DType dtype;
   int64_t tokens, hidden, grid_rows, grid_cols, top_k;
@@ -123,98 +90,12 @@ std::string case_name(const TiledCase& c) {
   return s;
 }
 
-struct TiledProblem {
-  LayerConfig cfg;
-  DType dtype;
-  int64_t T, d, N, K, busiest = 0;
-  std::vector<int64_t> unchosen;
-  MirroredTensor x, up, down, indices, gates, offsets, order, dy;
-  MirroredTensor y, preact, dx, dup, ddown, dgates;
-
-  TiledProblem(const TiledCase& c, uint64_t seed)
-      : dtype(c.dtype),
-        T(c.tokens),
-        d(c.hidden),
-        N(c.grid_rows * c.grid_cols),
-        K(c.top_k),
-        x(make_random(c.dtype, {c.tokens, c.hidden}, seed + 1, c.pad)),
-        up(make_random(c.dtype, {N, c.hidden}, seed + 2, c.pad,
-                       -std::sqrt(3.0 / static_cast<double>(c.hidden)),
-                       std::sqrt(3.0 / static_cast<double>(c.hidden)))),
-        down(make_random(c.dtype, {N, c.hidden}, seed + 3, c.pad)),
-        indices(make_routing(c.tokens, c.grid_rows, c.grid_cols, c.top_k, c.routing, seed + 4)),
-        gates(make_random(DType::f32, {c.tokens, c.top_k}, seed + 5, 0, 0.05, 1.0)),
-        offsets(HostTensor(DType::i32, {N + 1})),
-        order(HostTensor(DType::i32, {c.tokens * c.top_k})),
-        dy(make_random(c.dtype, {c.tokens, c.hidden}, seed + 6, c.pad)),
-        y(HostTensor(c.dtype, {c.tokens, c.hidden}, c.pad)),
-        preact(HostTensor(DType::f32, {c.tokens, c.top_k})),
-        dx(HostTensor(c.dtype, {c.tokens, c.hidden}, c.pad)),
-        dup(HostTensor(c.dtype, {N, c.hidden}, c.pad)),
-        ddown(HostTensor(c.dtype, {N, c.hidden}, c.pad)),
-        dgates(HostTensor(DType::f32, {c.tokens, c.top_k})) {
-    cfg.hidden = c.hidden;
-    cfg.grid_rows = c.grid_rows;
-    cfg.grid_cols = c.grid_cols;
-    cfg.top_k = c.top_k;
-    cfg.act = c.act;
-    host_schedule(indices.host, N, offsets.host, order.host);
-    offsets.device.copy_from(offsets.host);
-    order.device.copy_from(order.host);
-    std::vector<int64_t> count(static_cast<size_t>(N), 0);
-    for (int64_t p = 0; p < T * K; ++p) ++count[static_cast<size_t>(indices.host.get(p))];
-    busiest = T > 0 ? *std::max_element(count.begin(), count.end()) : 0;
-    for (int64_t e = 0; e < N; ++e) {
-      if (count[e] == 0) unchosen.push_back(e);
-    }
-  }
-
-  ExpertWeights weights(const Exec& e) const { return {up.view(e), down.view(e)}; }
-  Schedule schedule(const Exec& e) const { return {offsets.view(e), order.view(e)}; }
-
-  void forward(bool accumulate, const Exec& e) {
-    Scratch ws(e, experts_forward_workspace_bytes(cfg, T, dtype, e));
-    experts_forward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e),
-                    y.view(e), accumulate, preact.view(e), ws.buffer(), e);
-  }
-  void backward(bool accumulate_dx, const Exec& e) {
-    Scratch ws(e, experts_backward_workspace_bytes(cfg, T, dtype, e));
-    experts_backward(cfg, x.view(e), weights(e), indices.view(e), gates.view(e), preact.view(e),
-                     schedule(e), dy.view(e), dx.view(e), accumulate_dx,
-                     {dup.view(e), ddown.view(e)}, dgates.view(e), ws.buffer(), e);
-  }
-  void reset_outputs(bool accumulate, uint64_t seed) {
-    for (MirroredTensor* t : {&y, &dx}) {
-      if (accumulate) {
-        t->host.fill_uniform(seed++);
-        t->device.copy_from(t->host);
-      } else {
-        t->poison();
-      }
-    }
-    for (MirroredTensor* t : {&preact, &dup, &ddown, &dgates}) t->poison();
-  }
-  void share_cpu_preact() { preact.device.copy_from(preact.host); }
-
-  void expect_forward_close() {
-    expect_close(y.fetch(), y.host, tolerance_for(dtype, K), "y");
-    expect_close(preact.fetch(), preact.host, tolerance_for(DType::f32, d), "preact");
-  }
-  void expect_backward_close() {
-    expect_close(dx.fetch(), dx.host, tolerance_for(dtype, K), "dx");
-    expect_close(dgates.fetch(), dgates.host, tolerance_for(DType::f32, d), "dgates");
-    const HostTensor dup_got = dup.fetch(), ddown_got = ddown.fetch();
-    const int64_t terms = std::max<int64_t>(busiest, 1);
-    expect_close(dup_got, dup.host, tolerance_for(dtype, terms), "grads.up (dW)");
-    expect_close(ddown_got, ddown.host, tolerance_for(dtype, terms), "grads.down (dV)");
-    for (int64_t e : unchosen) {
-      for (int64_t j = 0; j < d; ++j) {
-        ASSERT_EQ(dup_got.at(e, j), 0.0) << "dW row of unchosen expert " << e;
-        ASSERT_EQ(ddown_got.at(e, j), 0.0) << "dV row of unchosen expert " << e;
-      }
-    }
-  }
-};
+ExpertsProblem problem_of(const TiledCase& c, uint64_t seed) {
+  const ExpertsShape shape{c.dtype, c.tokens,  c.hidden, c.grid_rows, c.grid_cols,
+                           c.top_k, c.act,     c.pad,    true};
+  return ExpertsProblem(
+      shape, make_routing(c.tokens, c.grid_rows, c.grid_cols, c.top_k, c.routing, seed + 4), seed);
+}
 
 uint64_t seed_of(const TiledCase& c) {
   return 9100 + static_cast<uint64_t>(c.tokens * 131 + c.hidden * 17 + c.top_k * 3 +
@@ -243,7 +124,7 @@ class ExpertsTiledCuda : public ::testing::TestWithParam<TiledCase> {};
 TEST_P(ExpertsTiledCuda, ForwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
-  TiledProblem P(GetParam(), seed_of(GetParam()));
+  ExpertsProblem P = problem_of(GetParam(), seed_of(GetParam()));
   P.reset_outputs(false, 1);
   run_both(true, [&](const Exec& e) { P.forward(false, e); });
   P.expect_forward_close();
@@ -252,7 +133,7 @@ TEST_P(ExpertsTiledCuda, ForwardMatchesCpu) {
 TEST_P(ExpertsTiledCuda, ForwardAccumulatesIntoY) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
-  TiledProblem P(GetParam(), seed_of(GetParam()));
+  ExpertsProblem P = problem_of(GetParam(), seed_of(GetParam()));
   P.reset_outputs(true, 2);
   run_both(true, [&](const Exec& e) { P.forward(true, e); });
   P.expect_forward_close();
@@ -261,7 +142,7 @@ TEST_P(ExpertsTiledCuda, ForwardAccumulatesIntoY) {
 TEST_P(ExpertsTiledCuda, ForwardWithFloatAtomicsMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
-  TiledProblem P(GetParam(), seed_of(GetParam()));
+  ExpertsProblem P = problem_of(GetParam(), seed_of(GetParam()));
   P.reset_outputs(false, 3);
   run_both(false, [&](const Exec& e) { P.forward(false, e); });
   P.expect_forward_close();
@@ -270,7 +151,7 @@ TEST_P(ExpertsTiledCuda, ForwardWithFloatAtomicsMatchesCpu) {
 TEST_P(ExpertsTiledCuda, BackwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
-  TiledProblem P(GetParam(), seed_of(GetParam()));
+  ExpertsProblem P = problem_of(GetParam(), seed_of(GetParam()));
   P.reset_outputs(false, 4);
   P.forward(false, cpu_exec());
   P.share_cpu_preact();
@@ -281,7 +162,7 @@ TEST_P(ExpertsTiledCuda, BackwardMatchesCpu) {
 TEST_P(ExpertsTiledCuda, BackwardAccumulatesIntoDxWithFloatAtomics) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
-  TiledProblem P(GetParam(), seed_of(GetParam()));
+  ExpertsProblem P = problem_of(GetParam(), seed_of(GetParam()));
   P.reset_outputs(true, 5);
   P.forward(false, cpu_exec());
   P.share_cpu_preact();
@@ -342,7 +223,7 @@ TEST(ExpertsTiledCudaDeterminism, bf16_T1024_d256_Nr32_Nc32_K128_TwoRunsBitwiseI
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
   const TiledCase c{DType::bf16, 1024, 256, 32, 32, 128, kSilu, kCart, 0};
-  TiledProblem P(c, 31);
+  ExpertsProblem P = problem_of(c, 31);
   CudaStream s;
   const Exec e = cuda_exec_mode(s.get(), true);
   HostTensor out[2][6];
