@@ -173,30 +173,7 @@ TEST(RouterSelect, RoundingTies_T8_Nr17_Nc29) {
 TEST(RouterSelect, NonFinite_T40_Nr9_Nc12) {
   for (int64_t k : {1, 6, 50, 108}) {
     SelectData s(router_config(4, 9, 12, k), 40);
-    s.row_logp.fill_uniform(31, -5.0, 0.0);
-    s.col_logp.fill_uniform(32, -5.0, 0.0);
-    std::mt19937_64 rng(33);
-    std::uniform_int_distribution<int> what(0, 9);
-    const double specials[] = {kNaN, kInf, -kInf};
-    for (HostTensor* p : {&s.row_logp, &s.col_logp}) {
-      for (int64_t i = 0; i < p->numel(); ++i) {
-        const int w = what(rng);
-        if (w < 3) p->set(i, specials[w]);
-      }
-    }
-    // Whole rows of one kind: token 0 all NaN, 1 all -inf, 2 all +inf, 3 rows NaN cols +inf.
-    for (int64_t i = 0; i < 9; ++i) {
-      s.row_logp.set(0 * 9 + i, kNaN);
-      s.row_logp.set(1 * 9 + i, -kInf);
-      s.row_logp.set(2 * 9 + i, kInf);
-      s.row_logp.set(3 * 9 + i, kNaN);
-    }
-    for (int64_t j = 0; j < 12; ++j) {
-      s.col_logp.set(0 * 12 + j, kNaN);
-      s.col_logp.set(1 * 12 + j, -kInf);
-      s.col_logp.set(2 * 12 + j, kInf);
-      s.col_logp.set(3 * 12 + j, kInf);
-    }
+    fill_non_finite_logp(s.row_logp, s.col_logp, 31);
     s.run();
     ASSERT_NO_FATAL_FAILURE(s.expect_matches_reference()) << "K=" << k;
   }

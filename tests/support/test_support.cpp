@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <sstream>
 
 #include "core/half.h"
@@ -142,6 +143,35 @@ Comparison compare(const std::vector<double>& got, const std::vector<double>& wa
     if (err > c.max_abs_error) c.max_abs_error = err;
   }
   return c;
+}
+
+void fill_non_finite_logp(HostTensor& row, HostTensor& col, uint64_t seed) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  row.fill_uniform(seed, -5.0, 0.0);
+  col.fill_uniform(seed + 1, -5.0, 0.0);
+  std::mt19937_64 rng(seed + 2);
+  std::uniform_int_distribution<int> what(0, 9);
+  const double specials[] = {kNaN, kInf, -kInf};
+  for (HostTensor* p : {&row, &col}) {
+    for (int64_t i = 0; i < p->numel(); ++i) {
+      const int w = what(rng);
+      if (w < 3) p->set(i, specials[w]);
+    }
+  }
+  const int64_t nr = row.cols(), nc = col.cols();
+  for (int64_t i = 0; i < nr; ++i) {
+    row.set(0 * nr + i, kNaN);
+    row.set(1 * nr + i, -kInf);
+    row.set(2 * nr + i, kInf);
+    row.set(3 * nr + i, kNaN);
+  }
+  for (int64_t j = 0; j < nc; ++j) {
+    col.set(0 * nc + j, kNaN);
+    col.set(1 * nc + j, -kInf);
+    col.set(2 * nc + j, kInf);
+    col.set(3 * nc + j, kInf);
+  }
 }
 
 }  // namespace omnimoe::test

@@ -110,4 +110,10 @@ struct Comparison {
 Comparison compare(const std::vector<double>& got, const std::vector<double>& want,
                    Tolerance tol);
 
+// Router log-probabilities with non-finite values, for the selection tests of both backends:
+// uniform in [-5, 0) (seeds `seed`, `seed` + 1), then about 30% of the entries NaN, +inf or -inf
+// (seed + 2), and whole rows of one kind for the first four tokens: token 0 all NaN, 1 all -inf,
+// 2 all +inf, 3 rows NaN and columns +inf. row f32 [T, N_r], col f32 [T, N_c], T >= 4.
+void fill_non_finite_logp(HostTensor& row, HostTensor& col, uint64_t seed);
+
 }  // namespace omnimoe::test
