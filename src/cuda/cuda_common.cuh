@@ -90,4 +90,18 @@ decltype(auto) dispatch_storage(DType dtype, Fn&& fn) {
   OMNIMOE_FAIL("cuda backend: unsupported storage dtype ", dtype_name(dtype));
 }
 
+// Sum and maximum over the 32 lanes of a full warp, returned to every lane.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 }  // namespace omnimoe::cuda

@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) count_group_tokens_kernel(
   const uint8_t* row = member + static_cast<int64_t>(g) * tokens;
   int n = 0;
   for (int t = lane; t < tokens; t += 32) n += row[t];
-  for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
+  n = warp_sum(n);
   if (lane == 0) count[g] = n;
 }
 
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) mask_block_sums_kernel(
   for (int i = threadIdx.x; i < kScanBlock; i += blockDim.x) {
     if (first + i < n) sum += mask_count(masks, first + i);
   }
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  sum = warp_sum(sum);
   __shared__ int warp_sums[kThreads / 32];
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
   __syncthreads();
@@ -499,7 +499,7 @@ __global__ void __launch_bounds__(kThreads) table_amax_kernel(const T* __restric
       m = fmaxf(m, fabsf(load_float(table[r * stride + c])));
     }
   }
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  m = warp_max(m);
   if (threadIdx.x % 32 == 0 && m > 0.0f) atomicMax(amax, __float_as_uint(m));
 }
 

@@ -36,19 +36,6 @@ __device__ __forceinline__ uint64_t make_entry(uint32_t key, uint32_t id) {
 __device__ __forceinline__ uint32_t entry_id(uint64_t e) { return static_cast<uint32_t>(e); }
 constexpr uint64_t kPadEntry = ~0ull;  // sorts after every real entry
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // Sum over the block, returned to every thread. `scratch` holds kMaxWarps values of T.
 template <typename T>
 __device__ __forceinline__ T block_sum(T v, T* scratch) {
