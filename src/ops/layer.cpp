@@ -95,13 +95,12 @@ size_t schedule_bytes(const LayerConfig& cfg, int64_t tokens) {
 }
 
 Schedule take_schedule(const LayerConfig& cfg, int64_t tokens, Buffer& b, Device device) {
+  const int64_t pairs = tokens * cfg.top_k, offsets = cfg.num_experts() + 1;
   Schedule s;
-  s.pair_order = TensorView::contiguous(b.data, DType::i32, {tokens * cfg.top_k}, device);
-  const size_t order_bytes = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
-  s.expert_offsets = TensorView::contiguous(static_cast<char*>(b.data) + order_bytes, DType::i32,
-                                            {cfg.num_experts() + 1}, device);
-  b = {static_cast<char*>(b.data) + schedule_bytes(cfg, tokens),
-       b.bytes - schedule_bytes(cfg, tokens)};
+  s.pair_order = TensorView::contiguous(take_front(b, align_up(pairs * 4)).data, DType::i32,
+                                        {pairs}, device);
+  s.expert_offsets = TensorView::contiguous(take_front(b, align_up(offsets * 4)).data,
+                                            DType::i32, {offsets}, device);
   return s;
 }
 
