@@ -3,6 +3,8 @@
 # CUDA test, memcheck and racecheck on small cases of the newest kernels, the bench of the
 # configs with targets, the Python package's CUDA tests, then the other configs while time
 # remains (SESSION_SECONDS, default 540). Everything lands in $OUT/session.tgz.
+#   BENCH_FIRST / BENCH_REST   the configs benched before / after the Python tests
+#   PY_FILES                   the Python test files (default test_cuda.py test_errors.py; none)
 set -uo pipefail
 final_out=${OUT:-/tmp/omnimoe_out}
 O="$final_out/session"
@@ -33,11 +35,13 @@ bench() {
     --json "$O/json/$1.json" >> "$O/bench.txt" 2>> "$O/bench_progress.log"
   echo "bench $1: rc $? at $(since) s"
 }
-for c in ref-quickstart pool-1m-k16 paper-k4096-t4k; do bench $c; done
-OUT="$O/python" DEVICE_TEST_FILES="${PY_FILES:-test_cuda.py test_errors.py}" timeout 200 \
-  bash tests/python/device_check.sh > "$O/python.log" 2>&1
-echo "python: rc $? at $(since) s"; grep "device_check:" "$O/python.log" | head -20
-for c in paper-k4096-t1k pool-1m-k256 paper-k512-t1k paper-k512-t4k paper-k512-t16k; do
+for c in ${BENCH_FIRST:-ref-quickstart pool-1m-k16 paper-k4096-t4k}; do bench $c; done
+if [ "${PY_FILES:-}" != none ]; then
+  OUT="$O/python" DEVICE_TEST_FILES="${PY_FILES:-test_cuda.py test_errors.py}" timeout 200 \
+    bash tests/python/device_check.sh > "$O/python.log" 2>&1
+  echo "python: rc $? at $(since) s"; grep "device_check:" "$O/python.log" | head -20
+fi
+for c in ${BENCH_REST-paper-k4096-t1k pool-1m-k256 paper-k512-t1k paper-k512-t4k paper-k512-t16k}; do
   [ "$(since)" -lt "$budget" ] || { echo "bench $c: skipped (time)"; continue; }
   bench $c
 done

@@ -146,6 +146,7 @@ void experts_forward(const LayerConfig& cfg, const TensorView& x, const ExpertWe
 }
 
 size_t experts_backward_workspace_bytes(const LayerConfig&, int64_t, DType) { return 0; }
+bool experts_backward_reads_schedule(const LayerConfig&, int64_t, DType) { return true; }
 
 void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
                       const TensorView& indices, const TensorView& gates, const TensorView& preact,

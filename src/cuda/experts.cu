@@ -141,6 +141,10 @@ size_t experts_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, 
   }
 }
 
+bool experts_backward_reads_schedule(const LayerConfig& cfg, int64_t tokens, DType dtype) {
+  return choose_path(cfg, tokens, dtype, Direction::backward) == ExpertsPath::gather;
+}
+
 void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
                       const TensorView& indices, const TensorView& gates,
                       const TensorView& preact, const Schedule& schedule, const TensorView& dy,

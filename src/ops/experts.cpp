@@ -56,6 +56,12 @@ size_t experts_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, 
   return OMNIMOE_DISPATCH(exec, experts_backward_workspace_bytes, cfg, tokens, dtype);
 }
 
+bool experts_backward_reads_schedule(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                     const Exec& exec) {
+  check_query("experts_backward_reads_schedule", cfg, tokens, exec);
+  return OMNIMOE_DISPATCH(exec, experts_backward_reads_schedule, cfg, tokens, dtype);
+}
+
 void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
                       const TensorView& indices, const TensorView& gates,
                       const TensorView& preact, const Schedule& schedule, const TensorView& dy,

@@ -246,6 +246,7 @@ TEST(ExpertsExecution, cpu_names_its_path) {
   EXPECT_STREQ(experts_execution(cfg, 100, DType::bf16, cpu_exec()), "cpu");
   EXPECT_EQ(experts_forward_workspace_bytes(cfg, 100, DType::f32, cpu_exec()), 0u);
   EXPECT_EQ(experts_backward_workspace_bytes(cfg, 100, DType::f32, cpu_exec()), 0u);
+  EXPECT_TRUE(experts_backward_reads_schedule(cfg, 100, DType::f32, cpu_exec()));
 }
 
 }  // namespace

@@ -271,6 +271,8 @@ TEST(ExpertsDenseCudaExecution, ChosenByDensityAndForced) {
     EXPECT_STREQ(experts_execution(cfg, 4096, DType::bf16, e), "dense");
     EXPECT_STREQ(experts_execution(cfg, 4096, DType::f16, e), "dense");
     EXPECT_STRNE(experts_execution(cfg, 4096, DType::f32, e), "dense");
+    // Dense builds its own order: the layer need not build the schedule for it.
+    EXPECT_FALSE(experts_backward_reads_schedule(cfg, 4096, DType::bf16, e));
     // One token: the dense products would read all the tables for it.
     EXPECT_STRNE(experts_execution(cfg, 1, DType::bf16, e), "dense");
     cfg.top_k = 512;  // paper-k512-t4k: K/N = 0.5%
@@ -282,8 +284,13 @@ TEST(ExpertsDenseCudaExecution, ChosenByDensityAndForced) {
     cfg.grid_rows = cfg.grid_cols = 16;
     cfg.top_k = 1;
     EXPECT_STREQ(experts_execution(cfg, 4096, DType::bf16, e), "dense");
+    EXPECT_FALSE(experts_backward_reads_schedule(cfg, 4096, DType::bf16, e));
     EXPECT_THROW(experts_execution(cfg, 4096, DType::f32, e), Error);
     EXPECT_THROW(experts_execution(cfg, 4096, DType::f64, e), Error);
+  }
+  {
+    ScopedEnv env(kExpertsPathVar, "gather");  // the gather's expert sums walk the schedule
+    EXPECT_TRUE(experts_backward_reads_schedule(cfg, 4096, DType::bf16, e));
   }
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cuda_test_support.h"
+#include "experts_problem.h"
 
 namespace omnimoe::test {
 namespace {
@@ -22,6 +23,7 @@ struct LayerCase {
   RouterNorm norm;
   bool training;
   int64_t pad;  // row padding of x, y, dy, dx and some weights
+  const char* experts_path = nullptr;  // forces an experts execution (OMNIMOE_EXPERTS_PATH)
 };
 
 std::string case_name(const LayerCase& c) {
@@ -32,6 +34,7 @@ std::string case_name(const LayerCase& c) {
                   gating_name(c.gating) + "_" + router_norm_name(c.norm) + "_" +
                   (c.training ? "train" : "eval");
   if (c.pad) s += "_pad" + std::to_string(c.pad);
+  if (c.experts_path) s += std::string("_") + c.experts_path;
   return s;
 }
 
@@ -238,6 +241,7 @@ class LayerCuda : public ::testing::TestWithParam<LayerCase> {};
 TEST_P(LayerCuda, ForwardBackwardMatchCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const LayerCase c = GetParam();
+  const ScopedEnv path(kExpertsPathVar, c.experts_path);
   const LayerConfig cfg = config_of(c);
   const LayerTensors cuda_in = LayerTensors::random(c, seed_of(c));
   CpuSide cpu(c, cfg, cuda_in.to(DType::f32));
@@ -301,6 +305,7 @@ TEST_P(LayerCuda, ForwardBackwardMatchCpu) {
 TEST_P(LayerCuda, GraphReplayMatchesEagerBitwise) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const LayerCase c = GetParam();
+  const ScopedEnv path(kExpertsPathVar, c.experts_path);
   const LayerConfig cfg = config_of(c);
   CudaStream stream;
   const Exec e = cuda_exec(stream.get());
@@ -371,6 +376,12 @@ const std::vector<LayerCase> kLayerCases = {
     // 16 tokens per expert: the experts forward and backward may choose different paths.
     {DType::bf16, 512, 128, 8, 16, 4, 64, Activation::gelu, Gating::softmax, RouterNorm::batch,
      true, 0},
+    // The executions small tables never choose, through the layer (whose backward builds the
+    // schedule only for the gather).
+    {DType::bf16, 257, 64, 19, 23, 7, 96, Activation::silu, Gating::softmax, RouterNorm::batch,
+     true, 0, "dense"},
+    {DType::f16, 300, 64, 16, 16, 12, 64, Activation::gelu, Gating::softmax, RouterNorm::batch,
+     true, 0, "tiled"},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, LayerCuda, ::testing::ValuesIn(kLayerCases),
