@@ -3,6 +3,8 @@
 
 #include <omnimoe/omnimoe.h>
 
+#include <functional>
+
 #include "core/check.h"
 
 namespace omnimoe {

@@ -18,8 +18,6 @@ class BranchFork {
 
   // Work issued on side() runs concurrently with work issued on the caller's exec.
   const Exec& side() const { return side_; }
-  // side() waits for everything issued on the caller's exec so far (before join).
-  void side_after_main();
   // exec.stream waits for everything issued on side() so far. Call once, after the side work.
   void join();
 

@@ -9,7 +9,6 @@ bool cuda_available() { return false; }
 
 namespace detail {
 BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {}
-void BranchFork::side_after_main() {}
 void BranchFork::join() {}
 BranchFork::~BranchFork() = default;
 }  // namespace detail

@@ -42,6 +42,10 @@ inline int thread_count(const Exec& exec) {
   return exec.num_threads > 0 ? exec.num_threads : omp_get_max_threads();
 }
 
+// dst += src for [T, d] views of one storage dtype with any row strides; float math (double for
+// f64), one rounding (elementwise.cpp): the join of the layer's two branches (mlp_*_joined).
+void tensor_add(const TensorView& dst, const TensorView& src, const Exec& exec);
+
 // C(i, j) = [C(i, j) +] sum_k A(i, k) * B(k, j), where A(i, k) = a[i*sa0 + k*sa1] and
 // B(k, j) = b[k*sb0 + j*sb1]; C is row-major with row stride ldc. Parallel over rows of C.
 template <typename Acc, typename TA, typename TB, typename TC>

@@ -106,6 +106,14 @@ void mlp_forward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& 
   });
 }
 
+void mlp_forward_joined(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                        const TensorView& y, const TensorView& addend, const MlpSaved& saved,
+                        const std::function<void()>& join, Buffer workspace, const Exec& exec) {
+  join();
+  cpu::mlp_forward(cfg, x, weights, y, /*accumulate=*/false, saved, workspace, exec);
+  cpu::tensor_add(y, addend, exec);
+}
+
 size_t mlp_backward_workspace_bytes(const LayerConfig&, int64_t, DType) { return 0; }
 
 void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
@@ -114,6 +122,16 @@ void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights&
   dispatch_storage(x.dtype, [&](auto tag) {
     backward_impl<decltype(tag)>(cfg, x, weights, saved, dy, dx, accumulate_dx, grads, exec);
   });
+}
+
+void mlp_backward_joined(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                         const MlpSaved& saved, const TensorView& dy, const TensorView& dx,
+                         const TensorView& addend, const MlpWeights& grads,
+                         const std::function<void()>& join, Buffer workspace, const Exec& exec) {
+  join();
+  cpu::mlp_backward(cfg, x, weights, saved, dy, dx, /*accumulate_dx=*/false, grads, workspace,
+                    exec);
+  if (x.shape[0] > 0) cpu::tensor_add(dx, addend, exec);
 }
 
 }  // namespace omnimoe::cpu

@@ -89,12 +89,6 @@ BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {
   side_.stream = side;
 }
 
-void BranchFork::side_after_main() {
-  if (side_.stream == exec_.stream) return;
-  cuda::DeviceGuard guard(exec_);
-  order_after(cuda::stream_of(exec_), cuda::stream_of(side_), exec_.device.index);
-}
-
 void BranchFork::join() {
   if (side_.stream == exec_.stream) return;
   cuda::DeviceGuard guard(exec_);

@@ -65,12 +65,13 @@ struct PlanKey {
   int a_type, c_type;
   bool trans_a, trans_b;
   int64_t m, n, k, lda, ldb, ldc;
+  int64_t ld_addend;  // the added matrix's row stride when it is not D; else 0
   uint32_t align_a, align_b, align_c;
   size_t workspace;
   int sm_count;  // 0: all
   auto tie() const {
-    return std::tie(device, a_type, c_type, trans_a, trans_b, m, n, k, lda, ldb, ldc, align_a,
-                    align_b, align_c, workspace, sm_count);
+    return std::tie(device, a_type, c_type, trans_a, trans_b, m, n, k, lda, ldb, ldc, ld_addend,
+                    align_a, align_b, align_c, workspace, sm_count);
   }
   bool operator<(const PlanKey& o) const { return tie() < o.tie(); }
 };
@@ -79,9 +80,12 @@ struct PlanKey {
 struct Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t first = nullptr, second = nullptr, out = nullptr;
+  cublasLtMatrixLayout_t in = nullptr;  // the added matrix's, when it is not D's
   cublasLtMatmulAlgo_t algo{};
   bool f64 = false;
+  cublasLtMatrixLayout_t added() const { return in ? in : out; }
   ~Plan() {
+    if (in) cublasLtMatrixLayoutDestroy(in);
     if (out) cublasLtMatrixLayoutDestroy(out);
     if (second) cublasLtMatrixLayoutDestroy(second);
     if (first) cublasLtMatrixLayoutDestroy(first);
@@ -119,6 +123,9 @@ std::unique_ptr<Plan> build_plan(cublasLtHandle_t handle, const PlanKey& key) {
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->second, ab, key.trans_a ? m : k,
                                                     key.trans_a ? k : m, key.lda));
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->out, ct, n, m, key.ldc));
+  if (key.ld_addend > 0) {
+    OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->in, ct, n, m, key.ld_addend));
+  }
 
   cublasLtMatmulPreference_t pref = nullptr;
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -140,8 +147,8 @@ std::unique_ptr<Plan> build_plan(cublasLtHandle_t handle, const PlanKey& key) {
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->op, plan->first,
-                                                        plan->second, plan->out, plan->out, pref,
-                                                        1, &result, &found));
+                                                        plan->second, plan->added(), plan->out,
+                                                        pref, 1, &result, &found));
   OMNIMOE_CHECK(found > 0, "gemm: cuBLASLt found no algorithm for m=", key.m, " n=", key.n,
                 " k=", key.k, " (", key.trans_a ? "A^T" : "A", " * ", key.trans_b ? "B^T" : "B",
                 ", lda=", key.lda, " ldb=", key.ldb, " ldc=", key.ldc, ")");
@@ -206,11 +213,23 @@ void check_operand(const char* name, const TensorView& t) {
 
 size_t gemm_workspace_bytes() { return kWorkspaceBytes; }
 
-void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
-          const TensorView& c, float alpha, float beta, Buffer workspace, const Exec& exec) {
+namespace {
+
+// C = alpha op(A) op(B) + beta * (addend ? *addend : C).
+void gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
+               const TensorView* addend, const TensorView& c, float alpha, float beta,
+               Buffer workspace, const Exec& exec) {
   check_operand("A", a);
   check_operand("B", b);
   check_operand("C", c);
+  if (addend) {
+    check_operand("the addend", *addend);
+    OMNIMOE_CHECK(addend->dtype == c.dtype && addend->shape[0] == c.shape[0] &&
+                      addend->shape[1] == c.shape[1],
+                  "gemm: the addend must have D's dtype and shape (", dtype_name(c.dtype), " [",
+                  c.shape[0], ", ", c.shape[1], "]), got ", dtype_name(addend->dtype), " [",
+                  addend->shape[0], ", ", addend->shape[1], "]");
+  }
   const int64_t m = trans_a ? a.shape[1] : a.shape[0];
   const int64_t k = trans_a ? a.shape[0] : a.shape[1];
   const int64_t kb = trans_b ? b.shape[1] : b.shape[0];
@@ -230,7 +249,15 @@ void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
   DeviceGuard guard(exec);
   const cudaStream_t stream = stream_of(exec);
   if (m == 0 || n == 0) return;
-  if (k == 0) {  // no products: C = beta * C
+  if (k == 0) {  // no products: C = beta * C (or beta * addend)
+    if (addend && beta != 0.0f) {
+      const size_t elem = dtype_size(c.dtype);
+      const size_t width = static_cast<size_t>(n) * elem;
+      OMNIMOE_CUDA_CHECK(cudaMemcpy2DAsync(
+          c.data, static_cast<size_t>(std::max(c.strides[0], n)) * elem, addend->data,
+          static_cast<size_t>(std::max(addend->strides[0], n)) * elem, width,
+          static_cast<size_t>(m), cudaMemcpyDeviceToDevice, stream));
+    }
     scale_rows(c, beta, stream);
     return;
   }
@@ -257,9 +284,12 @@ void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
   key.lda = std::max(a.strides[0], a.shape[1]);
   key.ldb = std::max(b.strides[0], b.shape[1]);
   key.ldc = std::max(c.strides[0], c.shape[1]);
+  if (addend && std::max(addend->strides[0], n) != key.ldc) {
+    key.ld_addend = std::max(addend->strides[0], n);
+  }
   key.align_a = alignment_of(a.data);
   key.align_b = alignment_of(b.data);
-  key.align_c = alignment_of(c.data);
+  key.align_c = std::min(alignment_of(c.data), addend ? alignment_of(addend->data) : 256u);
   key.workspace = ws_bytes;
   key.sm_count = exec.sm_count;
 
@@ -269,8 +299,22 @@ void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
   const void* alpha_ptr = plan.f64 ? static_cast<const void*>(&alpha64) : &alpha;
   const void* beta_ptr = plan.f64 ? static_cast<const void*>(&beta64) : &beta;
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatmul(handle, plan.op, alpha_ptr, b.data, plan.first, a.data,
-                                        plan.second, beta_ptr, c.data, plan.out, c.data, plan.out,
-                                        &plan.algo, ws_ptr, ws_bytes, stream));
+                                        plan.second, beta_ptr, addend ? addend->data : c.data,
+                                        plan.added(), c.data, plan.out, &plan.algo, ws_ptr,
+                                        ws_bytes, stream));
+}
+
+}  // namespace
+
+void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
+          const TensorView& c, float alpha, float beta, Buffer workspace, const Exec& exec) {
+  gemm_into(a, trans_a, b, trans_b, nullptr, c, alpha, beta, workspace, exec);
+}
+
+void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
+          const TensorView& addend, const TensorView& d, float alpha, float beta,
+          Buffer workspace, const Exec& exec) {
+  gemm_into(a, trans_a, b, trans_b, &addend, d, alpha, beta, workspace, exec);
 }
 
 }  // namespace omnimoe::cuda

@@ -13,6 +13,12 @@ namespace omnimoe::cuda {
 // cuBLASLt workspace comes from `workspace` (gemm_workspace_bytes()).
 void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
           const TensorView& c, float alpha, float beta, Buffer workspace, const Exec& exec);
+// D = alpha * op(A) * op(B) + beta * addend: the same product written to another matrix than the
+// one it adds (a join of two branches without a separate add). addend has D's shape and dtype
+// (any row stride) and does not overlap D.
+void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
+          const TensorView& addend, const TensorView& d, float alpha, float beta,
+          Buffer workspace, const Exec& exec);
 size_t gemm_workspace_bytes();
 
 }  // namespace omnimoe::cuda

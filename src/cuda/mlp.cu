@@ -186,9 +186,13 @@ size_t mlp_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType
   return kAlign + activation_bytes(cfg, tokens, dtype) + gemm_workspace_bytes();
 }
 
-void mlp_forward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
-                 const TensorView& y, bool accumulate, const MlpSaved& saved, Buffer workspace,
-                 const Exec& exec) {
+namespace {
+
+// y = MLP(x) (+ y when accumulate, or + *addend after join() when addend is given).
+void forward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                  const TensorView& y, bool accumulate, const TensorView* addend,
+                  const std::function<void()>* join, const MlpSaved& saved, Buffer workspace,
+                  const Exec& exec) {
   DeviceGuard guard(exec);
   const cudaStream_t stream = stream_of(exec);
   const int64_t tokens = x.shape[0], I = cfg.intermediate;
@@ -200,17 +204,39 @@ void mlp_forward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& 
   gemm(x, false, weights.gate, true, saved.gate_pre, 1.0f, 0.0f, gemm_ws, exec);
   gemm(x, false, weights.up, true, saved.up_pre, 1.0f, 0.0f, gemm_ws, exec);
   swiglu_forward(x.dtype, saved.gate_pre.data, saved.up_pre.data, h.data, tokens * I, stream);
+  if (addend) {
+    (*join)();
+    gemm(h, false, weights.down, true, *addend, y, 1.0f, 1.0f, gemm_ws, exec);
+    return;
+  }
   gemm(h, false, weights.down, true, y, 1.0f, accumulate ? 1.0f : 0.0f, gemm_ws, exec);
+}
+
+}  // namespace
+
+void mlp_forward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                 const TensorView& y, bool accumulate, const MlpSaved& saved, Buffer workspace,
+                 const Exec& exec) {
+  forward_impl(cfg, x, weights, y, accumulate, nullptr, nullptr, saved, workspace, exec);
+}
+
+void mlp_forward_joined(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                        const TensorView& y, const TensorView& addend, const MlpSaved& saved,
+                        const std::function<void()>& join, Buffer workspace, const Exec& exec) {
+  forward_impl(cfg, x, weights, y, false, &addend, &join, saved, workspace, exec);
 }
 
 size_t mlp_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype) {
   return kAlign + 3 * activation_bytes(cfg, tokens, dtype) + gemm_workspace_bytes();
 }
 
-void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
-                  const MlpSaved& saved, const TensorView& dy, const TensorView& dx,
-                  bool accumulate_dx, const MlpWeights& grads, Buffer workspace,
-                  const Exec& exec) {
+namespace {
+
+// dx = dMLP (+ dx when accumulate_dx, or + *addend after join() when addend is given).
+void backward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                   const MlpSaved& saved, const TensorView& dy, const TensorView& dx,
+                   bool accumulate_dx, const TensorView* addend, const std::function<void()>* join,
+                   const MlpWeights& grads, Buffer workspace, const Exec& exec) {
   DeviceGuard guard(exec);
   const cudaStream_t stream = stream_of(exec);
   const int64_t tokens = x.shape[0], I = cfg.intermediate;
@@ -233,8 +259,31 @@ void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights&
   gemm(dy, true, h, false, grads.down, 1.0f, 0.0f, gemm_ws, exec);      // [d, I] = dy^T h
   gemm(d_gate, true, x, false, grads.gate, 1.0f, 0.0f, gemm_ws, exec);  // [I, d]
   gemm(d_up, true, x, false, grads.up, 1.0f, 0.0f, gemm_ws, exec);
-  gemm(d_gate, false, weights.gate, false, dx, 1.0f, accumulate_dx ? 1.0f : 0.0f, gemm_ws, exec);
+  if (addend) {  // the dx products last, so the other branch has the longest to finish
+    (*join)();
+    gemm(d_gate, false, weights.gate, false, *addend, dx, 1.0f, 1.0f, gemm_ws, exec);
+  } else {
+    gemm(d_gate, false, weights.gate, false, dx, 1.0f, accumulate_dx ? 1.0f : 0.0f, gemm_ws,
+         exec);
+  }
   gemm(d_up, false, weights.up, false, dx, 1.0f, 1.0f, gemm_ws, exec);
+}
+
+}  // namespace
+
+void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                  const MlpSaved& saved, const TensorView& dy, const TensorView& dx,
+                  bool accumulate_dx, const MlpWeights& grads, Buffer workspace,
+                  const Exec& exec) {
+  backward_impl(cfg, x, weights, saved, dy, dx, accumulate_dx, nullptr, nullptr, grads,
+                workspace, exec);
+}
+
+void mlp_backward_joined(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                         const MlpSaved& saved, const TensorView& dy, const TensorView& dx,
+                         const TensorView& addend, const MlpWeights& grads,
+                         const std::function<void()>& join, Buffer workspace, const Exec& exec) {
+  backward_impl(cfg, x, weights, saved, dy, dx, false, &addend, &join, grads, workspace, exec);
 }
 
 }  // namespace omnimoe::cuda

@@ -7,6 +7,7 @@
 #include "backend/branch.h"
 #include "core/check.h"
 #include "core/validate.h"
+#include "ops/mlp_joined.h"
 
 namespace omnimoe {
 using namespace detail;
@@ -63,8 +64,9 @@ LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLay
 // stream, so its chain of small kernels takes SMs as they free instead of queueing behind the
 // MLP's GEMMs, and the MLP on the caller's stream. (Sizing the MLP's products for fewer SMs,
 // Exec::sm_count, to leave room for the expert branch was measured and gained nothing.) Each
-// branch then needs its own workspace region; backward's expert branch also a private [T, d]
-// dx, added in at the join. The CPU runs them in order, writing y and dx directly.
+// branch then needs its own workspace region, and the expert branch a private [T, d] output (y,
+// dx) that the MLP's last products add after the join (mlp_joined.h), with no add kernel. The
+// CPU runs them in order, writing y and dx directly.
 bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
   return exec.device.type == DeviceType::cuda && cfg.intermediate > 0;
 }
@@ -147,8 +149,9 @@ size_t layer_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DTy
                                      const Exec& exec) {
   const size_t experts = expert_branch_forward_bytes(cfg, tokens, dtype, exec);
   if (branches_concurrent(cfg, exec)) {
-    // [MLP region | expert branch region]
-    return align_up(mlp_forward_workspace_bytes(cfg, tokens, dtype, exec)) + experts;
+    // [experts' y | MLP region | expert branch region]
+    return hidden_bytes(cfg, tokens, dtype) +
+           align_up(mlp_forward_workspace_bytes(cfg, tokens, dtype, exec)) + experts;
   }
   // The ops run one after another on one stream, so they share one workspace.
   if (cfg.intermediate > 0) {
@@ -169,21 +172,19 @@ void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeigh
   const LayerSaved s = layer_saved_views(cfg, tokens, x.dtype, saved, exec.device);
 
   if (branches_concurrent(cfg, exec)) {
-    // The router runs beside the MLP; the experts then add onto the MLP's y (no [T, d]
-    // temporary, no add after the join: 0.01 ms at ref-quickstart, H100). Waiting for the MLP
-    // costs nothing measurable: the GEMMs fill every SM, so the two branches' kernels share the
-    // device by turns rather than run side by side.
     Buffer rest = workspace;
+    const Buffer y_experts_buf = take_front(rest, hidden_bytes(cfg, tokens, x.dtype));
     const Buffer mlp_ws =
         take_front(rest, align_up(mlp_forward_workspace_bytes(cfg, tokens, x.dtype, exec)));
     BranchFork fork(exec);
     const Exec& side = fork.side();
+    const TensorView y_experts = TensorView::contiguous(y_experts_buf.data, x.dtype,
+                                                        {tokens, cfg.hidden}, exec.device);
     router_forward(cfg, x, weights.router, norm, training, s.routing, s.router, rest, side);
-    mlp_forward(cfg, x, weights.mlp, y, /*accumulate=*/false, s.mlp, mlp_ws, exec);
-    fork.side_after_main();
-    experts_forward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, y,
-                    /*accumulate=*/true, s.expert_preact, rest, side);
-    fork.join();
+    experts_forward(cfg, x, weights.experts, s.routing.indices, s.routing.gates, y_experts,
+                    /*accumulate=*/false, s.expert_preact, rest, side);
+    mlp_forward_joined(cfg, x, weights.mlp, y, y_experts, s.mlp, [&] { fork.join(); }, mlp_ws,
+                       exec);
     return;
   }
 
@@ -245,10 +246,8 @@ void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeig
                      grads.experts, dgates, rest, side);
     router_backward(cfg, x, weights.router, training, s.router, s.routing, dgates, dx_experts,
                     /*accumulate_dx=*/true, grads.router, rest, side);
-    mlp_backward(cfg, x, weights.mlp, s.mlp, dy, dx, /*accumulate_dx=*/false, grads.mlp, mlp_ws,
-                 exec);
-    fork.join();
-    if (tokens > 0) OMNIMOE_DISPATCH(exec, tensor_add, dx, dx_experts, exec);
+    mlp_backward_joined(cfg, x, weights.mlp, s.mlp, dy, dx, dx_experts, grads.mlp,
+                        [&] { fork.join(); }, mlp_ws, exec);
     return;
   }
 

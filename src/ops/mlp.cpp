@@ -2,6 +2,7 @@
 
 #include "backend/backend.h"
 #include "core/validate.h"
+#include "ops/mlp_joined.h"
 
 namespace omnimoe {
 using namespace detail;
@@ -40,18 +41,44 @@ size_t mlp_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType
   return OMNIMOE_DISPATCH(exec, mlp_forward_workspace_bytes, cfg, tokens, dtype);
 }
 
-void mlp_forward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
-                 const TensorView& y, bool accumulate, const MlpSaved& saved, Buffer workspace,
-                 const Exec& exec) {
-  const char* op = "mlp_forward";
+namespace {
+
+int64_t check_forward(const char* op, const LayerConfig& cfg, const TensorView& x,
+                      const MlpWeights& weights, const TensorView& y, const MlpSaved& saved,
+                      Buffer workspace, const Exec& exec) {
   const int64_t tokens = check_mlp(op, cfg, x, weights, "weights.gate", "weights.up",
                                    "weights.down", exec);
   check_matrix(op, "y", y, tokens, cfg.hidden, x.dtype, exec.device);
   check_saved(op, cfg, tokens, saved, x.dtype, exec.device);
   check_buffer(op, "workspace", workspace,
                OMNIMOE_DISPATCH(exec, mlp_forward_workspace_bytes, cfg, tokens, x.dtype));
+  return tokens;
+}
+
+}  // namespace
+
+void mlp_forward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                 const TensorView& y, bool accumulate, const MlpSaved& saved, Buffer workspace,
+                 const Exec& exec) {
+  const int64_t tokens = check_forward("mlp_forward", cfg, x, weights, y, saved, workspace, exec);
   if (tokens == 0) return;
   OMNIMOE_DISPATCH(exec, mlp_forward, cfg, x, weights, y, accumulate, saved, workspace, exec);
+}
+
+void detail::mlp_forward_joined(const LayerConfig& cfg, const TensorView& x,
+                                const MlpWeights& weights, const TensorView& y,
+                                const TensorView& addend, const MlpSaved& saved,
+                                const std::function<void()>& join, Buffer workspace,
+                                const Exec& exec) {
+  const char* op = "layer_forward (MLP)";
+  const int64_t tokens = check_forward(op, cfg, x, weights, y, saved, workspace, exec);
+  check_matrix(op, "expert branch output", addend, tokens, cfg.hidden, x.dtype, exec.device);
+  if (tokens == 0) {
+    join();
+    return;
+  }
+  OMNIMOE_DISPATCH(exec, mlp_forward_joined, cfg, x, weights, y, addend, saved, join, workspace,
+                   exec);
 }
 
 size_t mlp_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
@@ -60,11 +87,12 @@ size_t mlp_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DTyp
   return OMNIMOE_DISPATCH(exec, mlp_backward_workspace_bytes, cfg, tokens, dtype);
 }
 
-void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
-                  const MlpSaved& saved, const TensorView& dy, const TensorView& dx,
-                  bool accumulate_dx, const MlpWeights& grads, Buffer workspace,
-                  const Exec& exec) {
-  const char* op = "mlp_backward";
+namespace {
+
+void check_backward(const char* op, const LayerConfig& cfg, const TensorView& x,
+                    const MlpWeights& weights, const MlpSaved& saved, const TensorView& dy,
+                    const TensorView& dx, const MlpWeights& grads, Buffer workspace,
+                    const Exec& exec) {
   const int64_t tokens = check_mlp(op, cfg, x, weights, "weights.gate", "weights.up",
                                    "weights.down", exec);
   check_saved(op, cfg, tokens, saved, x.dtype, exec.device);
@@ -75,8 +103,30 @@ void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights&
   check_matrix(op, "grads.down", grads.down, cfg.hidden, cfg.intermediate, x.dtype, exec.device);
   check_buffer(op, "workspace", workspace,
                OMNIMOE_DISPATCH(exec, mlp_backward_workspace_bytes, cfg, tokens, x.dtype));
+}
+
+}  // namespace
+
+void mlp_backward(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
+                  const MlpSaved& saved, const TensorView& dy, const TensorView& dx,
+                  bool accumulate_dx, const MlpWeights& grads, Buffer workspace,
+                  const Exec& exec) {
+  check_backward("mlp_backward", cfg, x, weights, saved, dy, dx, grads, workspace, exec);
   OMNIMOE_DISPATCH(exec, mlp_backward, cfg, x, weights, saved, dy, dx, accumulate_dx, grads,
                    workspace, exec);
+}
+
+void detail::mlp_backward_joined(const LayerConfig& cfg, const TensorView& x,
+                                 const MlpWeights& weights, const MlpSaved& saved,
+                                 const TensorView& dy, const TensorView& dx,
+                                 const TensorView& addend, const MlpWeights& grads,
+                                 const std::function<void()>& join, Buffer workspace,
+                                 const Exec& exec) {
+  const char* op = "layer_backward (MLP)";
+  check_backward(op, cfg, x, weights, saved, dy, dx, grads, workspace, exec);
+  check_matrix(op, "expert branch dx", addend, x.shape[0], cfg.hidden, x.dtype, exec.device);
+  OMNIMOE_DISPATCH(exec, mlp_backward_joined, cfg, x, weights, saved, dy, dx, addend, grads,
+                   join, workspace, exec);
 }
 
 }  // namespace omnimoe

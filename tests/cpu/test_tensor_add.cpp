@@ -1,4 +1,4 @@
-// The internal tensor_add op (the join of the layer's concurrent branches on CUDA) on the CPU:
+// The CPU backend's tensor_add (its join of the layer's two branches, cpu_common.h):
 // dst += src with one rounding from float (double for f64), any row strides, bit for bit.
 #include <gtest/gtest.h>
 
@@ -6,6 +6,7 @@
 #include <string>
 
 #include "backend/backend.h"
+#include "cpu/cpu_common.h"
 #include "test_support.h"
 
 namespace omnimoe::test {

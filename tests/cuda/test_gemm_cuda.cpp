@@ -18,6 +18,7 @@ struct GemmCase {
   bool shifted;     // views start one element into their rows: pointers only dtype-aligned
   float alpha, beta;
   int sm_count = 0;  // Exec::sm_count: products sized for fewer SMs (another branch beside)
+  bool addend = false;  // D = alpha AB + beta E into a poisoned D, E another matrix (C != D)
 };
 
 std::string case_name(const GemmCase& g) {
@@ -30,6 +31,7 @@ std::string case_name(const GemmCase& g) {
   s += g.beta == 0.0f ? "_beta0" : "_beta1";
   if (g.alpha != 1.0f) s += "_alpha";
   if (g.sm_count) s += "_sm" + std::to_string(g.sm_count);
+  if (g.addend) s += "_addend";
   return s;
 }
 
@@ -59,21 +61,30 @@ TEST_P(GemmCuda, MatchesDoubleProduct) {
   HostTensor a = make_random(g.ab, {a_rows, a_cols + sh}, 11, g.padding);
   HostTensor b = make_random(g.ab, {b_rows, b_cols + sh}, 12, g.padding);
   HostTensor c(g.c, {g.m, g.n + sh}, g.padding);
-  if (g.beta == 0.0f) {
-    c.poison();  // beta = 0 must not read C
+  if (g.beta == 0.0f || g.addend) {
+    c.poison();  // beta = 0 must not read C; with an addend C is only written
   } else {
     c.fill_uniform(13);
   }
-  DeviceTensor da = upload(a), db = upload(b), dc = upload(c);
+  // The addend's rows: D's stride, or (cases with A transposed) a longer one.
+  const HostTensor e = make_random(g.c, {g.m, g.n + sh}, 14, g.padding + (g.trans_a ? 5 : 0));
+  DeviceTensor da = upload(a), db = upload(b), dc = upload(c), de = upload(e);
 
   DeviceBuffer ws(cuda::gemm_workspace_bytes());
   CudaStream stream;
   Exec exec = cuda_exec(stream.get());
   exec.sm_count = g.sm_count;
-  cuda::gemm(shifted_view(da, g.shifted), g.trans_a, shifted_view(db, g.shifted), g.trans_b,
-             shifted_view(dc, g.shifted), g.alpha, g.beta, ws.buffer(), exec);
+  if (g.addend) {
+    cuda::gemm(shifted_view(da, g.shifted), g.trans_a, shifted_view(db, g.shifted), g.trans_b,
+               shifted_view(de, g.shifted), shifted_view(dc, g.shifted), g.alpha, g.beta,
+               ws.buffer(), exec);
+  } else {
+    cuda::gemm(shifted_view(da, g.shifted), g.trans_a, shifted_view(db, g.shifted), g.trans_b,
+               shifted_view(dc, g.shifted), g.alpha, g.beta, ws.buffer(), exec);
+  }
   stream.synchronize();
   const HostTensor got = download(dc);
+  if (g.addend) EXPECT_EQ(download(de).to_vector(), e.to_vector()) << "the addend was written";
 
   std::vector<double> got_v, want_v;
   for (int64_t i = 0; i < g.m; ++i) {
@@ -85,7 +96,7 @@ TEST_P(GemmCuda, MatchesDoubleProduct) {
         s += av * bv;
       }
       double want = g.alpha * s;
-      if (g.beta != 0.0f) want += g.beta * host_at(c, g.shifted, i, j);
+      if (g.beta != 0.0f) want += g.beta * host_at(g.addend ? e : c, g.shifted, i, j);
       want_v.push_back(want);
       got_v.push_back(host_at(got, g.shifted, i, j));
     }
@@ -127,6 +138,13 @@ std::vector<GemmCase> gemm_cases() {
     cases.push_back({ab, ab, false, true, 257, 129, 300, 0, false, 1.0f, 0.0f, 16});
     cases.push_back({ab, ab, true, false, 130, 520, 96, 0, false, 1.0f, 1.0f, 1});
   }
+  // Another matrix added (the layer's join: y = h W_down^T + the experts' y).
+  for (DType ab : {DType::bf16, DType::f32}) {
+    cases.push_back({ab, ab, false, true, 257, 129, 300, 0, false, 1.0f, 1.0f, 0, true});
+    cases.push_back({ab, ab, true, false, 41, 23, 67, 3, true, -0.5f, 1.0f, 0, true});
+  }
+  cases.push_back({DType::bf16, DType::bf16, false, true, 37, 53, 129, 2, false, 1.0f, 0.0f, 0,
+                   true});
   return cases;
 }
 
@@ -153,6 +171,14 @@ TEST(GemmCudaEmpty, bf16_k0_beta0_writes_zeros_beta1_keeps_C) {
   HostTensor c1 = make_random(DType::bf16, {7, 5}, 3, 2);
   dc.copy_from(c1);
   cuda::gemm(da.view(), true, db.view(), false, dc.view(), 1.0f, 1.0f, ws.buffer(),
+             cuda_exec(stream.get()));
+  stream.synchronize();
+  EXPECT_EQ(download(dc).to_vector(), c1.to_vector());
+
+  // With an addend: D = beta * addend.
+  dc.copy_from(c);  // poisoned again
+  DeviceTensor de = upload(c1);
+  cuda::gemm(da.view(), true, db.view(), false, de.view(), dc.view(), 1.0f, 1.0f, ws.buffer(),
              cuda_exec(stream.get()));
   stream.synchronize();
   EXPECT_EQ(download(dc).to_vector(), c1.to_vector());

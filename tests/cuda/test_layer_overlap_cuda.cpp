@@ -1,7 +1,6 @@
 // The layer with its two branches (shared MLP; router -> schedule -> experts) running concurrently
 // on CUDA: forward + backward against the CPU on a user stream, on the legacy default stream, and
-// captured in a CUDA graph (replayed twice, each replay equal to the eager run bit for bit); and
-// the join's tensor_add against the CPU's, bit for bit.
+// captured in a CUDA graph (replayed twice, each replay equal to the eager run bit for bit).
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
@@ -10,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "backend/backend.h"
 #include "cuda_test_support.h"
 
 namespace omnimoe::test {
@@ -259,42 +257,6 @@ const std::vector<OverlapCase> kCases = {
 
 INSTANTIATE_TEST_SUITE_P(Cases, LayerOverlapCuda, ::testing::ValuesIn(kCases),
                          [](const auto& info) { return case_name(info.param); });
-
-// The join's add on CUDA equals the CPU's bit for bit (same float math, one rounding).
-struct AddCase {
-  DType dtype;
-  int64_t rows, cols, dst_pad, src_pad;
-};
-
-class TensorAddCuda : public ::testing::TestWithParam<AddCase> {};
-
-TEST_P(TensorAddCuda, MatchesCpuBitwise) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
-  const AddCase c = GetParam();
-  HostTensor dst = make_random(c.dtype, {c.rows, c.cols}, 21, c.dst_pad, -2.0, 2.0);
-  const HostTensor src = make_random(c.dtype, {c.rows, c.cols}, 22, c.src_pad, -2.0, 2.0);
-  DeviceTensor ddst(dst), dsrc(src);
-  CudaStream stream;
-  cuda::tensor_add(ddst.view(), dsrc.view(), cuda_exec(stream.get()));
-  stream.synchronize();
-  cpu::tensor_add(dst.view(), src.view(), cpu_exec());
-  const HostTensor got = ddst.to_host();
-  EXPECT_EQ(std::memcmp(got.data(), dst.data(), dst.bytes()), 0);
-}
-
-INSTANTIATE_TEST_SUITE_P(Cases, TensorAddCuda,
-                         ::testing::Values(AddCase{DType::bf16, 4096, 1024, 0, 0},
-                                           AddCase{DType::bf16, 17, 37, 3, 5},
-                                           AddCase{DType::f16, 9, 40, 8, 0},
-                                           AddCase{DType::f32, 5, 7, 0, 1},
-                                           AddCase{DType::f64, 3, 18, 2, 0}),
-                         [](const auto& info) {
-                           const AddCase& c = info.param;
-                           return std::string(dtype_name(c.dtype)) + "_rows" +
-                                  std::to_string(c.rows) + "_cols" + std::to_string(c.cols) +
-                                  "_dstpad" + std::to_string(c.dst_pad) + "_srcpad" +
-                                  std::to_string(c.src_pad);
-                         });
 
 }  // namespace
 }  // namespace omnimoe::test
