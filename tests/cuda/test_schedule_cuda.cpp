@@ -1,6 +1,7 @@
 // CUDA schedule_build against the CPU backend: offsets and pair order equal exactly (a stable
 // counting sort has one answer), on outputs poisoned before the run. Selections are random
-// distinct ids per token unless a case says otherwise.
+// distinct ids per token unless a case says otherwise. Cases with tiles x N <= 2^20 (tiles of
+// 1024 pairs) take the tile build, the others the radix sort.
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
@@ -91,6 +92,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(ScheduleCase{257, 19, 23, 7, 0}, ScheduleCase{257, 19, 23, 1, 0},
                       ScheduleCase{33, 19, 23, 437, 0},  // K = N: every expert every token
                       ScheduleCase{1, 1, 1, 1, 0}, ScheduleCase{300, 19, 23, 5, 40},
+                      ScheduleCase{4096, 64, 64, 16, 0},  // ref-quickstart: the tile build
                       ScheduleCase{4096, 1024, 1024, 16, 0}, ScheduleCase{512, 320, 320, 512, 0},
                       ScheduleCase{64, 2048, 2048, 64, 0},  // N = 4M experts
                       ScheduleCase{16, 2048, 2048, 8, 1000}),
@@ -108,6 +110,16 @@ TEST(ScheduleCudaEdge, AllTokensOnOneExpert_T1000_Nr7_Nc9_K1) {
   const LayerConfig cfg = schedule_config(7, 9, 1);
   HostTensor idx(DType::i32, {1000, 1});
   idx.fill(41);
+  expect_schedule_matches_cpu(cfg, idx);
+}
+
+// Every token on one expert across several tiles of the tile build (5000 pairs: the last tile
+// partial), and a second expert nobody chose after it.
+TEST(ScheduleCudaEdge, AllTokensOnOneExpert_T5000_Nr2_Nc3_K1) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const LayerConfig cfg = schedule_config(2, 3, 1);
+  HostTensor idx(DType::i32, {5000, 1});
+  idx.fill(4);
   expect_schedule_matches_cpu(cfg, idx);
 }
 
