@@ -1,12 +1,16 @@
 // Expert-Centric Scheduling on the device: the T*K pair ids grouped by expert, tokens ascending
 // inside each group. Two builds, both stable (one answer: the CPU's), both capturable (CUB calls
 // take caller scratch; nothing synchronises the host):
-// - tiles (when tiles x N is small, e.g. ref-quickstart: 64 tiles x 4096 experts): a warp per
-//   tile of kTilePairs pairs counts its experts, one exclusive scan over (expert, tile) gives each
-//   tile its first slot per expert, and the warp places its pairs in order. Four launches; the
-//   radix sort below took ~10 and 0.05-0.08 ms there (its first passes run 8 CTAs).
+// - tiles (when tiles x N is small, e.g. ref-quickstart: 64 tiles x 4096 experts): a block per
+//   tile of kTilePairs pairs sorts it by expert in shared memory and counts each expert's pairs,
+//   one exclusive scan over (expert, tile) gives each tile its first slot per expert, and the
+//   block places its pairs. Four launches; the radix sort below took ~10 and 0.05-0.08 ms there
+//   (its passes run 8 CTAs at 65k pairs).
 // - radix: offsets from a histogram (integer atomics: exact) and an exclusive scan; the order
 //   from a stable LSD radix sort of (expert id, pair id) over ceil(log2 N) key bits.
+#include <cub/block/block_discontinuity.cuh>
+#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
@@ -27,8 +31,8 @@ int key_bits(int64_t experts) {
   return b;
 }
 
-// Pairs per tile of the tile build (a warp takes 32 per step), and the most (expert, tile)
-// counters it keeps (two int32 arrays of this many).
+// Pairs per tile of the tile build, and the most (expert, tile) counters it keeps (two int32
+// arrays of this many).
 constexpr int kTilePairs = 1024;
 constexpr int64_t kMaxTileCounters = int64_t{1} << 20;
 
@@ -111,76 +115,109 @@ __global__ void iota_kernel(int32_t* __restrict__ out, int64_t n) {
   }
 }
 
-// The tile build. Tile b holds pairs [b * kTilePairs, ...); counters are expert-major,
-// cell (e, b) at e * tiles + b, so one exclusive scan orders every expert's tiles in turn. Each
-// tile's cells belong to one warp, which updates them in order without atomics.
+// The tile build. Tile b holds pairs [b * kTilePairs, ...); counters are expert-major, cell
+// (e, b) at e * tiles + b, so one exclusive scan orders every expert's tiles in turn. A block
+// sorts its tile by expert in shared memory (a stable block radix sort keeps pair ids ascending
+// within an expert); a pair's rank among its expert's pairs in the tile is its distance to the
+// start of its run.
+constexpr int kTileThreads = 256;
+constexpr int kTileItems = kTilePairs / kTileThreads;
 
-// Lanes of this warp holding the same expert as this lane; the group's count and this lane's
-// rank in it (lower lanes = earlier pairs first).
-struct Peers {
-  unsigned mask;
-  int count, rank;
+struct Differs {
+  __device__ bool operator()(uint32_t a, uint32_t b) const { return a != b; }
 };
-__device__ __forceinline__ Peers peers_of(int32_t e, bool active) {
-  const unsigned live = __ballot_sync(0xffffffffu, active);
-  unsigned mask = __match_any_sync(0xffffffffu, active ? e : -1) & live;
-  if (!active) mask = 0;
-  const unsigned lower = (1u << (threadIdx.x & 31)) - 1u;
-  return {mask, __popc(mask), __popc(mask & lower)};
-}
+struct Larger {
+  __device__ int operator()(int a, int b) const { return a > b ? a : b; }
+};
 
-// The group's lowest lane does the group's single update.
-__device__ __forceinline__ bool group_leader(const Peers& p) {
-  return p.mask != 0 && (__ffs(p.mask) - 1) == static_cast<int>(threadIdx.x & 31);
+using TileSort = cub::BlockRadixSort<uint32_t, kTileThreads, kTileItems, int32_t>;
+using TileFlags = cub::BlockDiscontinuity<uint32_t, kTileThreads>;
+using TileScan = cub::BlockScan<int, kTileThreads>;
+union TileTemp {
+  typename TileSort::TempStorage sort;
+  typename TileFlags::TempStorage flags;
+  typename TileScan::TempStorage scan;
+};
+
+// This thread's kTileItems consecutive entries of tile b sorted by expert: key (the expert, or
+// N for pairs past the end and ids outside [0, N)), pair id, rank in its expert's run, and
+// whether it ends the run.
+struct TileEntries {
+  uint32_t key[kTileItems];
+  int32_t pair[kTileItems];
+  int rank[kTileItems];
+  int last[kTileItems];
+};
+
+__device__ void sort_tile(const int32_t* __restrict__ ids, int64_t pairs, int experts, int bits,
+                          TileTemp& temp, TileEntries& t) {
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTilePairs + threadIdx.x * kTileItems;
+#pragma unroll
+  for (int i = 0; i < kTileItems; ++i) {
+    const int64_t p = p0 + i;
+    const int32_t e = p < pairs ? ids[p] : -1;
+    t.key[i] = e >= 0 && e < experts ? static_cast<uint32_t>(e) : static_cast<uint32_t>(experts);
+    t.pair[i] = static_cast<int32_t>(p);
+  }
+  TileSort(temp.sort).Sort(t.key, t.pair, 0, bits);
+  __syncthreads();
+  int head[kTileItems];
+  TileFlags(temp.flags).FlagHeads(head, t.key, Differs());
+  __syncthreads();
+  TileFlags(temp.flags).FlagTails(t.last, t.key, Differs());
+  __syncthreads();
+  int start[kTileItems];
+#pragma unroll
+  for (int i = 0; i < kTileItems; ++i) start[i] = head[i] ? threadIdx.x * kTileItems + i : 0;
+  TileScan(temp.scan).InclusiveScan(start, start, Larger());
+#pragma unroll
+  for (int i = 0; i < kTileItems; ++i) t.rank[i] = threadIdx.x * kTileItems + i - start[i];
 }
 
 // counts[e * tiles + b] = pairs of expert e in tile b (zero for experts absent from it).
-__global__ void tile_count_kernel(const int32_t* __restrict__ ids, int64_t pairs, int experts,
-                                  int tiles, int32_t* __restrict__ counts) {
+__global__ void __launch_bounds__(kTileThreads)
+    tile_count_kernel(const int32_t* __restrict__ ids, int64_t pairs, int experts, int bits,
+                      int tiles, int32_t* __restrict__ counts) {
+  __shared__ TileTemp temp;
   const int b = blockIdx.x;
-  const int lane = threadIdx.x;
-  for (int e = lane; e < experts; e += 32) counts[static_cast<int64_t>(e) * tiles + b] = 0;
-  __syncwarp();
-  const int64_t p0 = static_cast<int64_t>(b) * kTilePairs;
-  const int64_t p1 = p0 + kTilePairs < pairs ? p0 + kTilePairs : pairs;
-  for (int64_t p = p0 + lane; p - lane < p1; p += 32) {
-    const int32_t e = p < p1 ? ids[p] : -1;
-    const bool active = e >= 0 && e < experts;
-    const Peers g = peers_of(e, active);
-    if (group_leader(g)) counts[static_cast<int64_t>(e) * tiles + b] += g.count;
-    __syncwarp();
+  for (int e = threadIdx.x; e < experts; e += kTileThreads) {
+    counts[static_cast<int64_t>(e) * tiles + b] = 0;
+  }
+  TileEntries t;
+  sort_tile(ids, pairs, experts, bits, temp, t);  // its barriers order the zeros first
+#pragma unroll
+  for (int i = 0; i < kTileItems; ++i) {
+    if (t.last[i] && t.key[i] < static_cast<uint32_t>(experts)) {
+      counts[static_cast<int64_t>(t.key[i]) * tiles + b] = t.rank[i] + 1;
+    }
   }
 }
 
-// Places tile b's pairs: slot = first[e * tiles + b] + earlier pairs of e in the tile. Before
-// moving its cells, tile 0's warp writes offsets[e] = first[e * tiles] (where the scan starts
-// expert e) and the last tile's writes offsets[N] (the scan's end, from the last cell).
-__global__ void tile_place_kernel(const int32_t* __restrict__ ids, int64_t pairs, int experts,
-                                  int tiles, const int32_t* __restrict__ counts,
-                                  int32_t* __restrict__ first, int32_t* __restrict__ offsets,
-                                  int32_t* __restrict__ order) {
+// Places tile b's pairs at first[e * tiles + b] + rank. Tile 0's block also writes offsets[e] =
+// first[e * tiles] (where the scan starts expert e), the last tile's offsets[N] (its end).
+__global__ void __launch_bounds__(kTileThreads)
+    tile_place_kernel(const int32_t* __restrict__ ids, int64_t pairs, int experts, int bits,
+                      int tiles, const int32_t* __restrict__ counts,
+                      const int32_t* __restrict__ first, int32_t* __restrict__ offsets,
+                      int32_t* __restrict__ order) {
+  __shared__ TileTemp temp;
   const int b = blockIdx.x;
-  const int lane = threadIdx.x;
   if (b == 0) {
-    for (int e = lane; e < experts; e += 32) offsets[e] = first[static_cast<int64_t>(e) * tiles];
+    for (int e = threadIdx.x; e < experts; e += kTileThreads) {
+      offsets[e] = first[static_cast<int64_t>(e) * tiles];
+    }
   }
-  if (b == tiles - 1 && lane == 0) {
-    const int64_t last = static_cast<int64_t>(experts) * tiles - 1;  // (N - 1, this tile)
+  if (b == tiles - 1 && threadIdx.x == 0) {
+    const int64_t last = static_cast<int64_t>(experts) * tiles - 1;
     offsets[experts] = first[last] + counts[last];
   }
-  __syncwarp();  // the reads above come before this warp moves its own cells
-  const int64_t p0 = static_cast<int64_t>(b) * kTilePairs;
-  const int64_t p1 = p0 + kTilePairs < pairs ? p0 + kTilePairs : pairs;
-  for (int64_t p = p0 + lane; p - lane < p1; p += 32) {
-    const int32_t e = p < p1 ? ids[p] : -1;
-    const bool active = e >= 0 && e < experts;
-    const Peers g = peers_of(e, active);
-    int32_t* cell = active ? first + static_cast<int64_t>(e) * tiles + b : nullptr;
-    const int32_t base = active ? *cell : 0;
-    __syncwarp();  // every lane has read its cell before a leader moves it
-    if (active) order[base + g.rank] = static_cast<int32_t>(p);
-    if (group_leader(g)) *cell = base + g.count;
-    __syncwarp();
+  TileEntries t;
+  sort_tile(ids, pairs, experts, bits, temp, t);
+#pragma unroll
+  for (int i = 0; i < kTileItems; ++i) {
+    if (t.key[i] < static_cast<uint32_t>(experts)) {
+      order[first[static_cast<int64_t>(t.key[i]) * tiles + b] + t.rank[i]] = t.pair[i];
+    }
   }
 }
 
@@ -212,13 +249,15 @@ void schedule_build(const LayerConfig& cfg, const TensorView& indices, const Sch
     const int tiles = static_cast<int>(tile_count(pairs));
     int32_t* tile_counts = reinterpret_cast<int32_t*>(ws + L.tile_counts);
     int32_t* tile_first = reinterpret_cast<int32_t*>(ws + L.tile_first);
-    tile_count_kernel<<<tiles, 32, 0, stream>>>(ids, pairs, experts, tiles, tile_counts);
+    const int bits = key_bits(static_cast<int64_t>(experts) + 1);  // N marks pairs to skip
+    tile_count_kernel<<<tiles, kTileThreads, 0, stream>>>(ids, pairs, experts, bits, tiles,
+                                                          tile_counts);
     OMNIMOE_CUDA_CHECK_LAUNCH("schedule_build (tile counts)");
     OMNIMOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(
         ws + L.scan_temp, L.scan_temp_bytes, static_cast<const int32_t*>(tile_counts),
         tile_first, tiles * experts, stream));
-    tile_place_kernel<<<tiles, 32, 0, stream>>>(ids, pairs, experts, tiles, tile_counts,
-                                                tile_first, offsets, order);
+    tile_place_kernel<<<tiles, kTileThreads, 0, stream>>>(ids, pairs, experts, bits, tiles,
+                                                          tile_counts, tile_first, offsets, order);
     OMNIMOE_CUDA_CHECK_LAUNCH("schedule_build (tile placement)");
     return;
   }
