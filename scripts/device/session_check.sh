@@ -37,7 +37,7 @@ bench() {
 }
 for c in ${BENCH_FIRST:-ref-quickstart pool-1m-k16 paper-k4096-t4k}; do bench $c; done
 if [ "${PY_FILES:-}" != none ]; then
-  OUT="$O/python" DEVICE_TEST_FILES="${PY_FILES:-test_cuda.py test_errors.py}" timeout 200 \
+  OUT="$O/python" DEVICE_TEST_FILES="${PY_FILES:-test_cuda.py test_errors.py}" timeout 280 \
     bash tests/python/device_check.sh > "$O/python.log" 2>&1
   echo "python: rc $? at $(since) s"; grep "device_check:" "$O/python.log" | head -20
 fi

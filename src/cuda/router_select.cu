@@ -21,6 +21,24 @@
 // Sorts are by distinct 64-bit entries (key, id), so every order is unique and deterministic.
 // For K <= 31 and axes of up to 1024 a warp per token does the work (below), and its CTA runs
 // this block algorithm only on the tokens whose ties it cannot settle.
+//
+// Otherwise (when both kernels' buffers fit shared memory) a bucket kernel settles nearly every
+// token first, and this block algorithm runs, in a second small launch, only on the tokens it
+// flags in the workspace. The block algorithm's time went to its chain of about 60 barriers and
+// 5 to 15 counting passes per token at one or two CTAs per SM; the bucket kernel keeps the
+// chain short and runs several tokens per SM (CTAs of 128 threads up to K = 1024):
+//  a. The axes as in 1; when N <= K for both and the buffers allow, one sort of both axes (the
+//     axis in the id's top bit) instead of two.
+//  b. No exact tau: a loose threshold lo with K <= count(lo) <= 2.5 K, usually from one counting
+//     pass of 8 thresholds (one reduction; the first pass tries pairs (d, d) of the diagonal,
+//     later ones interpolate on sqrt(count)). Row i counts at most K / (i + 1) columns: without
+//     ties at tau the top K form a staircase, which lies inside that hyperbola.
+//  c. The candidates (capped pairs >= lo) are walked twice in place, never stored: a histogram
+//     of their keys, then a scatter of the buckets that reach slot K only; ranks within those
+//     (small) buckets give the order by (key desc, id asc), so ties inside are settled too.
+//  d. A token is flagged when a pair left out could tie with tau (past a row's cap or outside
+//     the region), a bucket holds more than kMaxBucket entries, or no threshold is found in
+//     kMaxPasses passes (heavy ties).
 #include "backend/backend.h"
 #include "cuda/router_common.cuh"
 #include "cuda/router_select.cuh"
@@ -43,6 +61,7 @@ constexpr int kGlobalThreads = 256;  // the global-buffer kernel needs more regi
 constexpr uint32_t kRankCountMax = 64;  // sort by counting ranks up to this many entries
 constexpr int kMaxBucket = 64;          // larger buckets fall back to a bitonic sort
 constexpr uint32_t kMaxBuckets = 4096;
+constexpr int kLeftCtas = 256;  // grid of the block algorithm on the tokens the bucket kernel left
 
 struct Scratch {
   long long i64[kMaxWarps];
@@ -622,11 +641,434 @@ __global__ void __launch_bounds__(kShared ? kMaxThreads : kGlobalThreads, kShare
     select_topk_kernel(SelectShape sh, int64_t tokens, const float* __restrict__ row_logp,
                        const float* __restrict__ col_logp, int32_t* __restrict__ indices,
                        float* __restrict__ scores, float* __restrict__ gates, GateMode mode,
-                       char* __restrict__ global_buffers) {
+                       char* __restrict__ global_buffers, const int* __restrict__ left) {
   extern __shared__ __align__(16) char smem[];
+  __shared__ unsigned left_mask[kMaxWarps];
   char* base = kShared ? smem : global_buffers + static_cast<size_t>(blockIdx.x) * sh.bytes;
-  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    select_token_block(sh, t, row_logp, col_logp, indices, scores, gates, mode, base);
+  if (left == nullptr) {
+    for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+      select_token_block(sh, t, row_logp, col_logp, indices, scores, gates, mode, base);
+    }
+    return;
+  }
+  // Only the tokens the bucket kernel left: this CTA's flags are read blockDim.x at a time.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t stride = gridDim.x;
+  for (int64_t first = blockIdx.x; first < tokens; first += stride * blockDim.x) {
+    const int64_t mine = first + threadIdx.x * stride;
+    const unsigned m = __ballot_sync(0xffffffffu, mine < tokens && left[mine] != 0);
+    if (lane == 0) left_mask[warp] = m;
+    __syncthreads();
+    for (int w = 0; w < warps; ++w) {
+      for (unsigned bits = left_mask[w]; bits != 0; bits &= bits - 1) {  // CTA-uniform
+        const int64_t t = first + (w * 32 + __ffs(bits) - 1) * stride;
+        select_token_block(sh, t, row_logp, col_logp, indices, scores, gates, mode, base);
+      }
+    }
+    __syncthreads();  // left_mask is written again
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The block algorithm's common case for K >= 32 (see the header): candidates above a loose
+// threshold, one bucket pass, ranks within buckets. A token it cannot settle exactly is flagged
+// and left to select_topk_kernel.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kPassThresholds = 8;  // thresholds counted per pass (one reduction)
+constexpr int kMaxPasses = 8;
+
+struct BucketShape {
+  int nr, nc, k, threads;
+  int lr, lc, ra, rb;
+  uint32_t cap_r, cap_c;  // axis candidates, as SelectShape
+  int cand_cap;           // candidates allowed above the threshold
+  int nb;                 // their buckets
+  bool whole;             // both axes sorted at once (sort_axes_whole)
+  size_t o_scratch, o_red, o_keys_r, o_keys_c, o_vals_r, o_vals_c, o_rv_r, o_rid_r, o_rv_c,
+      o_rid_c, o_g, o_gp, o_cnt, o_buf, o_ids, bytes;
+};
+
+// For timing: OMNIMOE_ROUTER_BUCKET_THREADS = 128, 256 or 512 sets the bucket kernel's CTA size,
+// OMNIMOE_ROUTER_BUCKET_CAP = c its candidates to c / 10 * K + 32 (c in 10 to 80; 25 default).
+int bucket_env(const char* name, int lo, int hi) {
+  const char* v = std::getenv(name);
+  const int n = v == nullptr ? 0 : std::atoi(v);
+  return n >= lo && n <= hi ? n : 0;
+}
+
+BucketShape make_bucket_shape(const SelectShape& s) {
+  static const int env_threads = bucket_env("OMNIMOE_ROUTER_BUCKET_THREADS", 128, 512);
+  static const int env_cap = bucket_env("OMNIMOE_ROUTER_BUCKET_CAP", 10, 80);
+  BucketShape b{};
+  b.nr = s.nr;
+  b.nc = s.nc;
+  b.k = s.k;
+  // Measured on an H100: 128 threads (8 CTAs per SM) up to K = 1024; above, 256 (3 CTAs, by
+  // shared memory) beat 512 (2 CTAs).
+  b.threads = s.k <= 1024 ? 128 : 256;
+  if (env_threads == 128 || env_threads == 256 || env_threads == 512) b.threads = env_threads;
+  b.lr = s.lr;
+  b.lc = s.lc;
+  b.ra = s.ra;
+  b.rb = s.rb;
+  b.cap_r = s.cap_r;
+  b.cap_c = s.cap_c;
+  // Wide: one counting pass usually finds a threshold.
+  b.cand_cap = static_cast<int>(
+      std::min<int64_t>(INT32_MAX, int64_t{s.k} * (env_cap > 0 ? env_cap : 25) / 10 + 32));
+  b.nb = static_cast<int>(bucket_count(static_cast<uint32_t>(s.k)));
+  // sort_entries' capacities for one axis; both whole axes are sorted at once only where that
+  // takes no more shared memory (more would cost CTAs per SM: slower at K = 512 on 320 x 320).
+  const uint32_t both = static_cast<uint32_t>(s.nr + s.nc);
+  const uint32_t axis_cap = std::max(s.cap_r, s.cap_c);
+  const uint32_t cnt_len = std::max({static_cast<uint32_t>(b.nb),
+                                     bucket_count(static_cast<uint32_t>(s.nr)),
+                                     bucket_count(static_cast<uint32_t>(s.nc)),
+                                     bucket_count(s.cap_r), bucket_count(s.cap_c)}) + 1;
+  const size_t buf_len = std::max<size_t>(static_cast<size_t>(s.k) + kMaxBucket, axis_cap);
+  const size_t ids_bytes = std::max<size_t>(4ull * s.k, 8ull * axis_cap);
+  b.whole = s.lr == s.nr && s.lc == s.nc && next_pow2(both) <= buf_len &&
+            8ull * both <= ids_bytes && bucket_count(both) + 1 <= cnt_len;
+  size_t o = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = o;
+    o += align16(bytes);
+    return at;
+  };
+  b.o_scratch = take(sizeof(Scratch));
+  b.o_red = take(4ull * 2 * (kPassThresholds + 1) * kMaxWarps);
+  b.o_keys_r = take(4ull * s.nr);
+  b.o_keys_c = take(4ull * s.nc);
+  b.o_vals_r = take(4ull * s.nr);
+  b.o_vals_c = take(4ull * s.nc);
+  b.o_rv_r = take(4ull * s.lr);
+  b.o_rid_r = take(4ull * s.lr);
+  b.o_rv_c = take(4ull * s.lc);
+  b.o_rid_c = take(4ull * s.lc);
+  b.o_g = take(4ull * s.ra);
+  b.o_gp = take(4ull * (s.ra + 1));
+  b.o_cnt = take(4ull * cnt_len);
+  b.o_buf = take(8ull * buf_len);  // the axis candidates, then the buckets that reach slot K
+  b.o_ids = take(ids_bytes);       // the axis sort's second buffer, then the K ids in order
+  b.bytes = o;
+  return b;
+}
+
+// Both axes whole (N <= K, so L = N): one sort of the nr + nc entries, the axis in the id's top
+// bit, and a scan that splits them; half the barriers of two axis_top calls.
+__device__ void sort_axes_whole(const float* vals_r, const uint32_t* keys_r, int nr,
+                                const float* vals_c, const uint32_t* keys_c, int nc,
+                                uint64_t* cand, uint64_t* tmp, int* cnt, float* rv_r, int* rid_r,
+                                float* rv_c, int* rid_c, Scratch* sc) {
+  constexpr uint32_t kColumn = 0x80000000u;
+  const int tid = threadIdx.x, nthreads = blockDim.x, n = nr + nc;
+  for (int i = tid; i < n; i += nthreads) {
+    cand[i] = i < nr ? make_entry(keys_r[i], static_cast<uint32_t>(i))
+                     : make_entry(keys_c[i - nr], kColumn | static_cast<uint32_t>(i - nr));
+  }
+  const uint64_t* sorted = sort_entries(cand, static_cast<uint32_t>(n), tmp, cnt, sc);
+  // A row's rank = rows before it; a column's = its position - rows before it.
+  const int per = (n + nthreads - 1) / nthreads;
+  const int q0 = min(n, tid * per), q1 = min(n, q0 + per);
+  int rows = 0;
+  for (int q = q0; q < q1; ++q) rows += (entry_id(sorted[q]) & kColumn) == 0;
+  int total;
+  int r = block_exclusive_scan(rows, sc->i32, &total);
+  for (int q = q0; q < q1; ++q) {
+    const uint32_t id = entry_id(sorted[q]);
+    if ((id & kColumn) == 0) {
+      rv_r[r] = rank_value(vals_r[id]);
+      rid_r[r] = static_cast<int>(id);
+      ++r;
+    } else {
+      const uint32_t j = id & ~kColumn;
+      rv_c[q - r] = rank_value(vals_c[j]);
+      rid_c[q - r] = static_cast<int>(j);
+    }
+  }
+  __syncthreads();
+}
+
+// For thresholds t[0] >= t[1] >= ...: c[m] = the region's pairs with key >= t[m], row i counting
+// at most its first min(rb, k / (i + 1)) columns (the hyperbola that holds every top-K set
+// without ties at tau); c[kPassThresholds] = the sum of those caps. Every thread gets c.
+__device__ __forceinline__ void count_thresholds(const uint32_t (&t)[kPassThresholds],
+                                                 const float* rv_r, const float* rv_c, int ra,
+                                                 int rb, int k, bool all_rows,
+                                                 int (&c)[kPassThresholds + 1], int* red,
+                                                 int parity) {
+  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const int warps = nthreads >> 5;
+  int local[kPassThresholds + 1];
+#pragma unroll
+  for (int m = 0; m <= kPassThresholds; ++m) local[m] = 0;
+  for (int i = tid; i < ra; i += nthreads) {
+    const float a = rv_r[i];
+    const int cap = min(rb, k / (i + 1));  // >= 1
+    local[kPassThresholds] += cap;
+    // The searches side by side (independent loads in flight): pos[m] = the longest prefix of
+    // the row's first cap columns with keys >= t[m].
+    int pos[kPassThresholds];
+#pragma unroll
+    for (int m = 0; m < kPassThresholds; ++m) pos[m] = 0;
+    for (int step = 1 << (31 - __clz(cap)); step > 0; step >>= 1) {
+#pragma unroll
+      for (int m = 0; m < kPassThresholds; ++m) {
+        const int q = pos[m] + step;
+        if (q <= cap && sum_key(a, rv_c[q - 1]) >= t[m]) pos[m] = q;
+      }
+    }
+    if (pos[kPassThresholds - 1] == 0 && !all_rows) break;  // sorted rows: the rest count 0 too
+#pragma unroll
+    for (int m = 0; m < kPassThresholds; ++m) local[m] += pos[m];
+  }
+  int* r = red + parity * (kPassThresholds + 1) * kMaxWarps;
+#pragma unroll
+  for (int m = 0; m <= kPassThresholds; ++m) {
+    const int v = warp_sum(local[m]);
+    if (lane == 0) r[m * kMaxWarps + warp] = v;
+  }
+  __syncthreads();  // the other parity's buffer may be written by the next pass
+#pragma unroll
+  for (int m = 0; m <= kPassThresholds; ++m) {
+    int s = 0;
+    for (int w = 0; w < warps; ++w) s += r[m * kMaxWarps + w];
+    c[m] = s;
+  }
+}
+
+// Sorts t[0, kPassThresholds) descending (constant indices: the array stays in registers).
+__device__ __forceinline__ void sort_descending(uint32_t (&t)[kPassThresholds]) {
+#pragma unroll
+  for (int p = 0; p < kPassThresholds; ++p) {
+#pragma unroll
+    for (int m = p & 1; m + 1 < kPassThresholds; m += 2) {
+      const uint32_t x = t[m], y = t[m + 1];
+      t[m] = max(x, y);
+      t[m + 1] = min(x, y);
+    }
+  }
+}
+
+// Calls f(key, i, j) for the candidates s in [s0, s1): row i holds g[i] = gp[i + 1] - gp[i]
+// of them, its first sorted columns.
+template <typename F>
+__device__ __forceinline__ void walk_candidates(const int* gp, int ra, const float* rv_r,
+                                                const float* rv_c, int s0, int s1, F&& f) {
+  if (s0 >= s1) return;
+  int i = row_of(gp, ra, s0);
+  int j = s0 - gp[i];
+  int end = gp[i + 1];
+  float a = rv_r[i];
+  for (int s = s0; s < s1; ++s) {
+    if (s == end) {  // the next non-empty row
+      do {
+        ++i;
+        end = gp[i + 1];
+      } while (end == s);
+      j = 0;
+      a = rv_r[i];
+    }
+    f(sum_key(a, rv_c[j]), i, j);
+    ++j;
+  }
+}
+
+template <int kThreads, int kMinCtas>
+__global__ void __launch_bounds__(kThreads, kMinCtas)
+    select_topk_bucket_kernel(const BucketShape sh, const float* __restrict__ row_logp,
+                              const float* __restrict__ col_logp, int32_t* __restrict__ indices,
+                              float* __restrict__ scores, float* __restrict__ gates,
+                              GateMode mode, int* __restrict__ left) {
+  extern __shared__ __align__(16) char base[];
+  Scratch* sc = reinterpret_cast<Scratch*>(base + sh.o_scratch);
+  int* red = reinterpret_cast<int*>(base + sh.o_red);
+  uint32_t* keys_r = reinterpret_cast<uint32_t*>(base + sh.o_keys_r);
+  uint32_t* keys_c = reinterpret_cast<uint32_t*>(base + sh.o_keys_c);
+  float* vals_r = reinterpret_cast<float*>(base + sh.o_vals_r);
+  float* vals_c = reinterpret_cast<float*>(base + sh.o_vals_c);
+  float* rv_r = reinterpret_cast<float*>(base + sh.o_rv_r);
+  int* rid_r = reinterpret_cast<int*>(base + sh.o_rid_r);
+  float* rv_c = reinterpret_cast<float*>(base + sh.o_rv_c);
+  int* rid_c = reinterpret_cast<int*>(base + sh.o_rid_c);
+  int* g = reinterpret_cast<int*>(base + sh.o_g);
+  int* gp = reinterpret_cast<int*>(base + sh.o_gp);
+  int* cnt = reinterpret_cast<int*>(base + sh.o_cnt);
+  uint64_t* buf = reinterpret_cast<uint64_t*>(base + sh.o_buf);
+  int* ids = reinterpret_cast<int*>(base + sh.o_ids);
+  uint64_t* axis_tmp = reinterpret_cast<uint64_t*>(base + sh.o_ids);
+
+  const int tid = threadIdx.x, nthreads = kThreads;
+  const int nr = sh.nr, nc = sh.nc, k = sh.k, ra = sh.ra, rb = sh.rb;
+  const int64_t t = blockIdx.x;
+
+  load_axis(row_logp + t * nr, nr, vals_r, keys_r);
+  load_axis(col_logp + t * nc, nc, vals_c, keys_c);
+  __syncthreads();
+  if (sh.whole) {
+    sort_axes_whole(vals_r, keys_r, nr, vals_c, keys_c, nc, buf, axis_tmp, cnt, rv_r, rid_r,
+                    rv_c, rid_c, sc);
+  } else {
+    axis_top(vals_r, keys_r, nr, sh.lr, buf, sh.cap_r, axis_tmp, cnt, rv_r, rid_r, sc);
+    axis_top(vals_c, keys_c, nc, sh.lc, buf, sh.cap_c, axis_tmp, cnt, rv_c, rid_c, sc);
+  }
+
+  // 1. A threshold lo with K <= (capped pairs >= lo) <= cand_cap. Invariants: count(lo) >= K,
+  //    count(hi) < K. The first pass tries keys of pairs (d, d) on the diagonal, squares of 0.15 K
+  //    to 0.9 K (the top-K staircase covers one of them); later ones interpolate on sqrt(count).
+  uint32_t lo = sum_key(rv_r[ra - 1], rv_c[rb - 1]);
+  const uint32_t top = sum_key(rv_r[0], rv_c[0]);
+  uint32_t hi = top + 1;
+  long long c_lo = static_cast<long long>(ra) * rb;  // exact after the first pass
+  int c_hi = 0;
+  bool settled = true;
+  for (int pass = 0; c_lo > sh.cand_cap; ++pass) {
+    if (pass == kMaxPasses || hi - lo <= 1) {
+      settled = false;
+      break;
+    }
+    uint32_t th[kPassThresholds];
+    if (pass == 0) {
+      constexpr float kArea[kPassThresholds] = {0.15f, 0.2f, 0.26f, 0.33f,
+                                                0.42f, 0.53f, 0.68f, 0.9f};
+#pragma unroll
+      for (int m = 0; m < kPassThresholds; ++m) {
+        const float area = kArea[m] * static_cast<float>(k);
+        const int i = min(ra - 1, max(0, static_cast<int>(sqrtf(area * ra / rb)) - 1));
+        const int j = min(rb - 1, max(0, static_cast<int>(area / (i + 1)) - 1));
+        th[m] = sum_key(rv_r[i], rv_c[j]);
+      }
+    } else {
+      constexpr double kTarget[kPassThresholds - 2] = {1.05, 1.2, 1.4, 1.65, 1.9, 2.2};
+      const double width = static_cast<double>(hi - lo);
+      const double s_lo = sqrt(static_cast<double>(c_lo)), s_hi = sqrt(static_cast<double>(c_hi));
+#pragma unroll
+      for (int m = 0; m < kPassThresholds - 2; ++m) {
+        const double f = (s_lo - sqrt(kTarget[m] * k)) / (s_lo - s_hi);
+        const double step = fmin(fmax(f * width, 1.0), width - 1.0);
+        th[m] = lo + static_cast<uint32_t>(step);
+      }
+      // Plain splits of the interval: progress where the model is poor (ties, gaps).
+      th[kPassThresholds - 2] = lo + static_cast<uint32_t>(width / 3.0);
+      th[kPassThresholds - 1] = lo + static_cast<uint32_t>(2.0 * width / 3.0);
+    }
+    sort_descending(th);
+    int c[kPassThresholds + 1];
+    count_thresholds(th, rv_r, rv_c, ra, rb, k, pass == 0, c, red, pass & 1);
+    if (pass == 0) c_lo = c[kPassThresholds];
+#pragma unroll
+    for (int m = 0; m < kPassThresholds; ++m) {
+      if (c[m] >= k) {
+        if (th[m] > lo) {
+          lo = th[m];
+          c_lo = c[m];
+        }
+      } else if (th[m] < hi) {
+        hi = th[m];
+        c_hi = c[m];
+      }
+    }
+  }
+
+  const int nb = sh.nb;
+  int n_cand = 0, boundary = 0, filled = 0;
+  const Buckets bucket(~top, ~lo, nb);  // over ~key: bucket order is the output order
+  if (settled) {
+    // 2. The candidates: row i's first g[i] sorted columns (capped pairs >= lo).
+    for (int i = tid; i < ra; i += nthreads) {
+      g[i] = count_ge(rv_r[i], rv_c, min(rb, k / (i + 1)), lo);
+    }
+    for (int b = tid; b <= nb; b += nthreads) cnt[b] = 0;
+    __syncthreads();
+    block_prefix(g, ra, gp, sc);
+    n_cand = gp[ra];
+    const int chunk = (n_cand + nthreads - 1) / nthreads;
+    const int s0 = min(n_cand, tid * chunk), s1 = min(n_cand, s0 + chunk);
+    walk_candidates(gp, ra, rv_r, rv_c, s0, s1,
+                    [&](uint32_t key, int, int) { atomicAdd(cnt + bucket(~key), 1); });
+    __syncthreads();
+    block_prefix(cnt, nb, cnt, sc);  // cnt[b] = first slot of bucket b
+    // 3. The buckets up to the one holding slot K - 1: scattered, then ranked within.
+    int b_lo = 0, b_hi = nb - 1;
+    while (b_lo < b_hi) {
+      const int mid = (b_lo + b_hi + 1) >> 1;
+      if (cnt[mid] <= k - 1) b_lo = mid;
+      else b_hi = mid - 1;
+    }
+    boundary = b_lo;
+    filled = cnt[boundary + 1];
+    bool big = false;
+    for (int b = tid; b <= boundary; b += nthreads) big |= cnt[b + 1] - cnt[b] > kMaxBucket;
+    settled = !__syncthreads_or(big);
+  }
+  if (settled) {
+    const int chunk = (n_cand + nthreads - 1) / nthreads;
+    const int s0 = min(n_cand, tid * chunk), s1 = min(n_cand, s0 + chunk);
+    walk_candidates(gp, ra, rv_r, rv_c, s0, s1, [&](uint32_t key, int i, int j) {
+      const int b = bucket(~key);
+      if (b <= boundary) {
+        buf[atomicAdd(cnt + b, 1)] =
+            make_entry(key, static_cast<uint32_t>(rid_r[i]) * nc + static_cast<uint32_t>(rid_c[j]));
+      }
+    });
+    __syncthreads();  // now cnt[b] = end of bucket b = first slot of bucket b + 1 (b <= boundary)
+    for (int q = tid; q < filled; q += nthreads) {
+      const uint64_t e = buf[q];
+      const int b = bucket(static_cast<uint32_t>(e >> 32));
+      const int first = b == 0 ? 0 : cnt[b - 1], last = cnt[b];
+      int r = 0;
+      for (int q2 = first; q2 < last; ++q2) r += buf[q2] < e;
+      const int pos = first + r;
+      if (pos < k) ids[pos] = static_cast<int>(entry_id(e));
+      if (pos == k - 1) sc->tau = ~static_cast<uint32_t>(e >> 32);
+    }
+    __syncthreads();
+    // 4. Exact unless a pair left out ties with tau: past a row's cap (inside the region), or
+    //    outside the region.
+    const uint32_t tau = sc->tau;
+    bool out = false;
+    for (int i = tid; i < ra; i += nthreads) {
+      const int cap = min(rb, k / (i + 1));
+      out |= cap < rb && sum_key(rv_r[i], rv_c[cap]) >= tau;
+    }
+    if (tid == 0) {
+      out |= (nr > ra && sum_key(rv_r[ra], rv_c[0]) >= tau) ||
+             (nc > rb && sum_key(rv_r[0], rv_c[rb]) >= tau);
+    }
+    settled = !__syncthreads_or(out);
+  }
+  if (tid == 0) left[t] = settled ? 0 : 1;
+  if (!settled) return;
+
+  int32_t* idx_out = indices + t * k;
+  float* score_out = scores + t * k;
+  float m = -INFINITY;
+  for (int s = tid; s < k; s += nthreads) {
+    const uint32_t id = static_cast<uint32_t>(ids[s]);
+    const uint32_t r = id / static_cast<uint32_t>(nc);
+    const float score = __fadd_rn(vals_r[r], vals_c[id - r * nc]);
+    idx_out[s] = static_cast<int32_t>(id);
+    score_out[s] = score;
+    if (mode == GateMode::joint) gates[t * k + s] = expf(score);
+    m = fmaxf(m, score);
+  }
+  if (mode == GateMode::softmax) {
+    m = block_max(m, sc->f32);
+    const float shift = isfinite(m) ? m : 0.0f;
+    float sum = 0.0f;
+    for (int s = tid; s < k; s += nthreads) {
+      const uint32_t id = static_cast<uint32_t>(ids[s]);
+      const uint32_t r = id / static_cast<uint32_t>(nc);
+      sum += expf(__fadd_rn(vals_r[r], vals_c[id - r * nc]) - shift);
+    }
+    const float inv = 1.0f / block_sum(sum, sc->f32);
+    float* gate_out = gates + t * k;
+    for (int s = tid; s < k; s += nthreads) {
+      const uint32_t id = static_cast<uint32_t>(ids[s]);
+      const uint32_t r = id / static_cast<uint32_t>(nc);
+      gate_out[s] = expf(__fadd_rn(vals_r[r], vals_c[id - r * nc]) - shift) * inv;
+    }
   }
 }
 
@@ -989,6 +1431,12 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32, kMinCtas)
   }
 }
 
+// The bucket kernel runs where the block algorithm's buffers fit shared memory (it leaves tokens
+// to that kernel) and its own do too.
+bool use_bucket_kernel(const SelectShape& sh) {
+  return fits_shared(sh) && make_bucket_shape(sh).bytes <= kSharedBudget;
+}
+
 bool use_warp_kernel(const LayerConfig& cfg) {
   return cfg.top_k <= kWarpMaxK && cfg.grid_rows <= kWarpMaxAxis &&
          cfg.grid_cols <= kWarpMaxAxis;
@@ -1049,6 +1497,7 @@ bool warp_vector_rows(const SelectShape& sh, const void* a, const void* b) {
 size_t select_workspace_bytes(const LayerConfig& cfg, int64_t tokens) {
   if (tokens == 0 || use_warp_kernel(cfg)) return 0;
   const SelectShape sh = make_select_shape(cfg);
+  if (use_bucket_kernel(sh)) return static_cast<size_t>(tokens) * sizeof(int);  // tokens left
   return fits_shared(sh) ? 0
                          : static_cast<size_t>(std::min<int64_t>(tokens, kGlobalCtas)) * sh.bytes;
 }
@@ -1096,18 +1545,43 @@ void launch_select(const LayerConfig& cfg, int64_t tokens, const float* row_logp
     return;
   }
   if (fits_shared(sh)) {
+    int* left = nullptr;
+    unsigned grid = static_cast<unsigned>(tokens);
+    if (use_bucket_kernel(sh)) {
+      const BucketShape bs = make_bucket_shape(sh);
+      left = static_cast<int*>(workspace);
+      auto launch = [&](auto kernel) {
+        // Tokens in flight hide the per-token chain of barriers: as many CTAs as shared memory
+        // allows.
+        OMNIMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel,
+                                                cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                cudaSharedmemCarveoutMaxShared));
+        if (bs.bytes > 48 * 1024) {
+          OMNIMOE_CUDA_CHECK(cudaFuncSetAttribute(
+              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bs.bytes)));
+        }
+        kernel<<<static_cast<unsigned>(tokens), bs.threads, bs.bytes, stream>>>(
+            bs, row_logp, col_logp, indices, scores, gates, mode, left);
+      };
+      if (bs.threads == 128) launch(select_topk_bucket_kernel<128, 8>);
+      else if (bs.threads == 256) launch(select_topk_bucket_kernel<256, 4>);
+      else launch(select_topk_bucket_kernel<512, 2>);
+      OMNIMOE_CUDA_CHECK_LAUNCH("router_select_topk (buckets)");
+      // The few tokens left (ties at tau the candidates cannot settle): a small persistent grid.
+      grid = static_cast<unsigned>(std::min<int64_t>(tokens, kLeftCtas));
+    }
     if (sh.bytes > 48 * 1024) {
       OMNIMOE_CUDA_CHECK(cudaFuncSetAttribute(select_topk_kernel<true>,
                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(sh.bytes)));
     }
-    select_topk_kernel<true><<<static_cast<unsigned>(tokens), sh.threads, sh.bytes, stream>>>(
-        sh, tokens, row_logp, col_logp, indices, scores, gates, mode, nullptr);
+    select_topk_kernel<true><<<grid, sh.threads, sh.bytes, stream>>>(
+        sh, tokens, row_logp, col_logp, indices, scores, gates, mode, nullptr, left);
   } else {
     const int grid = static_cast<int>(std::min<int64_t>(tokens, kGlobalCtas));
     select_topk_kernel<false><<<grid, std::min(sh.threads, kGlobalThreads), 0, stream>>>(
         sh, tokens, row_logp, col_logp, indices, scores, gates, mode,
-        static_cast<char*>(workspace));
+        static_cast<char*>(workspace), nullptr);
   }
   OMNIMOE_CUDA_CHECK_LAUNCH("router_select_topk");
 }

@@ -784,5 +784,114 @@ TEST(RouterCudaGraph, ForwardAndSchedule_replay_matches_eager_bf16_T257_Nr19_Nc2
   cudaGraphDestroy(graph);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The bucket kernel (K >= 32, or axes past 1024): K just above 31, K not a power of two, K = N,
+// axes of different lengths, axes past 1024 with small K (tokens whose region spills go to the
+// block algorithm).
+// ---------------------------------------------------------------------------------------------
+
+INSTANTIATE_TEST_SUITE_P(
+    BucketShapes, RouterCudaSelect,
+    ::testing::Values(SelectCase{64, 320, 320, 32}, SelectCase{50, 37, 23, 33},
+                      SelectCase{40, 7, 300, 100}, SelectCase{40, 300, 7, 2099},
+                      SelectCase{30, 320, 320, 1000}, SelectCase{20, 45, 47, 45 * 47},
+                      SelectCase{20, 2048, 64, 48}, SelectCase{20, 1500, 30, 1},
+                      SelectCase{20, 30, 1500, 5}, SelectCase{16, 200, 3000, 777},
+                      SelectCase{130, 320, 320, 4095}, SelectCase{33, 1024, 1024, 64}),
+    [](const auto& info) {
+      const SelectCase& c = info.param;
+      return "f32_" + shape_name(c.tokens, c.nr, c.nc, c.k);
+    });
+
+// Few distinct values: tie groups at tau that the candidates settle or leave to the block
+// algorithm, for K from 32 to N.
+TEST(RouterCudaSelectTies, FewDistinctValues_T6_Nr40_Nc37_K32_to_N) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const int64_t nr = 40, nc = 37, T = 6;
+  std::mt19937_64 rng(17);
+  std::uniform_int_distribution<int> pick(0, 5);
+  const int64_t ks[] = {32, 33, 64, 100, 511, 777, 1400, nr * nc};
+  for (int64_t k : ks) {
+    SelectData s(router_config(4, nr, nc, k), T);
+    for (int64_t i = 0; i < T * nr; ++i) s.row_logp.set(i, -0.5 * pick(rng) - 1.0);
+    for (int64_t i = 0; i < T * nc; ++i) s.col_logp.set(i, -0.25 * pick(rng) - 2.0);
+    s.run();
+    ASSERT_NO_FATAL_FAILURE(s.expect_equal()) << "K=" << k;
+  }
+}
+
+// Rounding ties (distinct values, equal float sums) at the K-th place, on grids the bucket kernel
+// takes: pairs past a row's cap or outside the region may tie with tau.
+TEST(RouterCudaSelectTies, RoundingTies_T16_Nr300_Nc40_K32_K500) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  for (int64_t k : {32, 40, 500}) {
+    SelectData s(router_config(4, 300, 40, k), 16);
+    s.row_logp.fill_uniform(25, -4.0, 0.0);
+    s.col_logp.fill_uniform(26, -3.0e7, -1.0e7);
+    s.run();
+    ASSERT_NO_FATAL_FAILURE(s.expect_equal()) << "K=" << k;
+    SelectData u(router_config(4, 40, 300, k), 16);
+    u.row_logp.fill_uniform(27, -3.0e7, -1.0e7);
+    u.col_logp.fill_uniform(28, -4.0, 0.0);
+    u.run();
+    ASSERT_NO_FATAL_FAILURE(u.expect_equal()) << "K=" << k << " (transposed)";
+  }
+}
+
+// Tokens with ties between ordinary tokens in one launch: the ones the bucket kernel leaves and
+// the ones it settles are both written.
+TEST(RouterCudaSelectTies, MixedTokens_T41_Nr320_Nc320_K512) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const int64_t n = 320, T = 41;
+  SelectData s(router_config(4, n, n, 512), T);
+  s.row_logp.fill_uniform(51, -12.0, -4.0);
+  s.col_logp.fill_uniform(52, -12.0, -4.0);
+  for (int64_t t : {0, 7, 40}) {
+    for (int64_t i = 0; i < n; ++i) {
+      s.row_logp.set(t * n + i, -7.0);
+      s.col_logp.set(t * n + i, -6.5);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) s.row_logp.set(13 * n + i, -1.0 - (i % 3));
+  std::mt19937_64 rng(53);
+  std::uniform_real_distribution<double> big(-3.0e7, -1.0e7);
+  for (int64_t i = 0; i < n; ++i) s.row_logp.set(20 * n + i, big(rng));
+  s.run();
+  s.expect_equal();
+}
+
+// More tokens than the grid that finishes the left ones: tokens with ties in several of its
+// CTAs, and more than one in a CTA.
+TEST(RouterCudaSelectTies, MixedTokens_T700_Nr40_Nc37_K64) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const int64_t nr = 40, nc = 37, T = 700;
+  SelectData s(router_config(4, nr, nc, 64), T);
+  s.row_logp.fill_uniform(61, -12.0, -4.0);
+  s.col_logp.fill_uniform(62, -12.0, -4.0);
+  for (int64_t t : {0, 3, 255, 256, 257, 300, 511, 512, 699}) {
+    for (int64_t i = 0; i < nr; ++i) s.row_logp.set(t * nr + i, -7.0 - (i % 2));
+    for (int64_t j = 0; j < nc; ++j) s.col_logp.set(t * nc + j, -6.5);
+  }
+  s.run();
+  s.expect_equal();
+}
+
+// NaN ranks as -inf, +inf + -inf is NaN: candidates at -inf and non-finite sums at tau.
+TEST(RouterCudaSelectNonFinite, NaN_inf_T40_Nr45_Nc50_K32_to_N) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  for (int64_t k : {32, 200, 1000, 2250}) {
+    SelectData s(router_config(4, 45, 50, k), 40);
+    fill_non_finite_logp(s.row_logp, s.col_logp, 37);
+    s.run();
+    ASSERT_NO_FATAL_FAILURE(s.expect_equal()) << "K=" << k;
+  }
+}
+
+// The bucket kernel's gates for a NaN token (all ties at -inf) and finite ones.
+TEST(RouterCudaForwardNonFinite, NaN_in_x_f32_T12_Nr64_Nc48_K40) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_nan_token_isolated(64, 48, 40);
+}
+
 }  // namespace
 }  // namespace omnimoe::test

@@ -50,6 +50,8 @@ const Shape kShapes[] = {
     {"pool-1m-k256", 4096, 1024, 1024, 256},
     {"paper-k512-t4k", 4096, 320, 320, 512},
     {"paper-k4096-t4k", 4096, 320, 320, 4096},
+    {"paper-k512-t16k", 16384, 320, 320, 512},
+    {"pool-1m-k64", 4096, 1024, 1024, 64},
 };
 
 TEST(RouterCudaTiming, DISABLED_select_forward_backward_schedule) {
