@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call that checks a whole tree and measures it, within one call's limit: build, every
+# One device call that checks a whole tree and measures it, within one call's limit (the
+# lead's session script; it replaced baseline.sh and integration.sh): build, every
 # CUDA test, memcheck and racecheck on small cases of the newest kernels, the bench of the
 # configs with targets, the Python package's CUDA tests, then the other configs while time
 # remains (SESSION_SECONDS, default 540). Everything lands in $OUT/session.tgz.
