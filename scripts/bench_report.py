@@ -4,8 +4,9 @@
     python3 scripts/bench_report.py bench/results/<run>.json [--figure docs/figures/<name>.png]
 
 Prints the markdown table of docs/results.md (medians in ms, each layer row's time over the
-floor its own process measured) and, with --figure, draws time / floor of the layer's forward
-and forward+backward per config beside the issue's 6x line (matplotlib).
+floor its own process measured, and, where the JSON has them, the host's time to issue one eager
+layer call) and, with --figure, draws time / floor of the layer's forward and forward+backward
+per config beside the issue's 6x line (matplotlib).
 """
 import argparse
 import json
@@ -34,18 +35,32 @@ def fmt(ms):
     return f"{ms:.3g}"
 
 
+# The eager layer rows, with the label of their extra columns.
+LAYER_ROWS = {"layer forward": "fwd", "layer forward+backward": "fwd+bwd"}
+
+
 def table(data):
-    head = ["config", "path"] + [c[1] for c in COLUMNS[:1]] + ["fwd / floor"] + \
-        [c[1] for c in COLUMNS[1:3]] + ["fwd+bwd / floor"] + [c[1] for c in COLUMNS[3:]]
+    # host_issue_ms is optional (JSON from before it was measured has none): its columns appear
+    # when any run has it.
+    host = any("host_issue_ms" in r for run in data["runs"] for r in run["rows"])
+    head = ["config", "path"]
+    for name, label in COLUMNS:
+        head.append(label)
+        if name in LAYER_ROWS:
+            head.append(f"{LAYER_ROWS[name]} / floor")
+            if host:
+                head.append(f"{LAYER_ROWS[name]} host issue")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for run in data["runs"]:
         rows = rows_by_name(run)
         cells = [run["config"]["name"], run["experts_execution"]]
-        for i, (name, _) in enumerate(COLUMNS):
-            r = rows.get(name)
+        for name, _ in COLUMNS:
+            r = rows.get(name) or {}
             cells.append(fmt(r["median_ms"]) if r else "n/a")
-            if name in ("layer forward", "layer forward+backward") and r:
-                cells.append(f"{r['time_over_floor']:.1f}x")
+            if name in LAYER_ROWS:
+                cells.append(f"{r['time_over_floor']:.1f}x" if "time_over_floor" in r else "-")
+                if host:
+                    cells.append(fmt(r["host_issue_ms"]) if "host_issue_ms" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

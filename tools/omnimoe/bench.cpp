@@ -26,10 +26,13 @@ const char* kBenchHelp = R"(Usage: omnimoe bench [--config NAME | shape flags] [
 
 Times one OmniMoE layer: forward, forward+backward, and each op (router, schedule, experts,
 MLP, and their backwards). Prints median times, achieved TFLOP/s and GB/s, memory, and which
-experts execution path ran. On CUDA it also measures the hardware ceilings in the same run
-(device copy bandwidth, cuBLASLt GEMM rate), the floor of every row and time/floor, and times
-three baselines: a token-centric expert branch, a dense-masked expert branch, and a dense
-SwiGLU with the same active parameters. Progress goes to stderr, the table to stdout.
+experts execution path ran. For the two eager layer rows it also prints the host's time to issue
+one call ("host issue ms"): at or above the device time of the same call (its CUDA graph row),
+the eager row times the host's launches, not the device. On CUDA it also measures the hardware
+ceilings in the same run (device copy bandwidth, cuBLASLt GEMM rate), the floor of every row
+and time/floor, and times three baselines: a token-centric expert branch, a dense-masked expert
+branch, and a dense SwiGLU with the same active parameters. Progress goes to stderr, the table
+to stdout.
 
 Layer:
   --config NAME          a named config, or 'all' (every GPU config; CUDA only). Default:
@@ -91,7 +94,8 @@ struct RowSpec {
   Work work;
   std::function<void(int)> fn;
   std::string note;
-  bool graph;  // time replays of fn(0) captured in a CUDA graph
+  bool graph;               // time replays of fn(0) captured in a CUDA graph
+  bool host_issue = false;  // also time the host's issue of one call (Platform::host_issue_ms)
 };
 
 Row time_row(Platform& p, const RowSpec& spec, int warmup, int iters, size_t index, size_t count) {
@@ -107,16 +111,21 @@ Row time_row(Platform& p, const RowSpec& spec, int warmup, int iters, size_t ind
   try {
     row.samples_ms = spec.graph ? p.time_graph_ms(spec.fn, warmup, iters)
                                 : p.time_ms(spec.fn, warmup, iters);
+    if (spec.host_issue) row.host_issue_ms = p.host_issue_ms(spec.fn, iters);
     p.synchronize();
   } catch (const std::exception& e) {
     row.error = e.what();
     row.samples_ms.clear();
+    row.host_issue_ms.clear();
     try {
       p.synchronize();
     } catch (const std::exception&) {
     }
   }
-  if (row.ok()) {
+  if (row.ok() && !row.host_issue_ms.empty()) {
+    std::fprintf(stderr, " %.4g ms, host issue %.4g ms (%.1f s)\n", row.median_ms(),
+                 median(row.host_issue_ms), seconds_since(start));
+  } else if (row.ok()) {
     std::fprintf(stderr, " %.4g ms (%.1f s)\n", row.median_ms(), seconds_since(start));
   } else {
     std::fprintf(stderr, " n/a\n");
@@ -172,6 +181,8 @@ RunReport bench_one(Platform& p, const BenchConfig& c, const BenchOptions& o) {
          layer_forward(l, s.x, s.weights, s.norm, true, b.y, s.saved, b.workspace, exec);
          layer_backward(l, s.x, s.weights, true, s.saved, s.dy, b.dx, b.grads, b.workspace, exec);
        }});
+  // Timed eagerly, these two may be bound by the host's launches rather than the device.
+  specs[0].host_issue = specs[1].host_issue = true;
   if (p.device().type == DeviceType::cuda) {
     // The same two calls replayed from a CUDA graph: device time without launch overhead.
     specs.push_back({"layer forward, CUDA graph", "layer", w.layer_forward, specs[0].fn,

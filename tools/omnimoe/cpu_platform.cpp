@@ -134,6 +134,9 @@ class CpuPlatform final : public Platform {
     }
     return samples;
   }
+  std::vector<double> host_issue_ms(const std::function<void(int)>& fn, int iters) override {
+    return time_ms(fn, 0, iters);
+  }
 
  private:
   int num_threads_;

@@ -1,6 +1,7 @@
 // The CUDA platform: device memory, a non-blocking stream, CUDA-event timing, the fill kernel,
 // and the hardware ceilings (copy bandwidth, GEMM rate) measured in the same run.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -183,6 +184,20 @@ class CudaPlatform final : public Platform {
       TOOL_CUDA_CHECK(cudaEventElapsedTime(&ms, events[2 * i], events[2 * i + 1]));
       samples[i] = ms;
     }
+    return samples;
+  }
+
+  std::vector<double> host_issue_ms(const std::function<void(int)>& fn, int iters) override {
+    std::vector<double> samples(static_cast<size_t>(iters));
+    for (int i = 0; i < iters; ++i) {
+      TOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      fn(2 * i);  // untimed: the device runs it while the timed call is issued
+      const auto start = std::chrono::steady_clock::now();
+      fn(2 * i + 1);
+      const auto stop = std::chrono::steady_clock::now();
+      samples[i] = std::chrono::duration<double, std::milli>(stop - start).count();
+    }
+    TOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return samples;
   }
 

@@ -53,6 +53,12 @@ class Platform {
   // `iters` calls in milliseconds (device time on a GPU).
   virtual std::vector<double> time_ms(const std::function<void(int)>& fn, int warmup,
                                       int iters) = 0;
+  // Host wall time of `iters` calls fn(i), from the call to its return, in milliseconds. On a
+  // GPU each timed call is issued behind one untimed call: the device is busy, as in time_ms,
+  // but the launch queue never fills (in a back-to-back loop a host that runs ahead fills it,
+  // about 1000 launches per stream, and then waits for the device on every call, so its time
+  // would read as the device's). On the CPU a call is its work: this is its wall time.
+  virtual std::vector<double> host_issue_ms(const std::function<void(int)>& fn, int iters) = 0;
   // Captures fn(0) once into a CUDA graph and times `iters` replays after `warmup`: the device
   // time without the host's launch overhead. Throws omnimoe::Error where there are no graphs.
   virtual std::vector<double> time_graph_ms(const std::function<void(int)>&, int, int) {

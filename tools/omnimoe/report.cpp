@@ -72,10 +72,13 @@ void print_run(std::FILE* out, const BenchReport& report, const RunReport& run) 
                static_cast<long long>(run.distinct_experts));
   std::fprintf(out, "  experts  execution path: %s; routing of the op rows: %s\n",
                run.experts_path.c_str(), run.routing_source.c_str());
+  const bool cuda = report.device_type == "cuda";
   std::fprintf(out,
-               "  timing   median of %d runs after %d warm-up runs, %s; %d rotating input set%s\n",
-               run.iters, run.warmup, report.device_type == "cuda" ? "CUDA events" : "steady clock",
-               run.rotation_sets, run.rotation_sets == 1 ? "" : "s");
+               "  timing   median of %d runs after %d warm-up runs, %s; %d rotating input set%s; "
+               "host issue: %s\n",
+               run.iters, run.warmup, cuda ? "CUDA events" : "steady clock", run.rotation_sets,
+               run.rotation_sets == 1 ? "" : "s",
+               cuda ? "steady clock, each call behind an untimed one" : "the same, timed again");
   std::fprintf(out,
                "  memory   peak %s allocated for the layer rows (saved %s, workspace fwd %s, "
                "bwd %s)",
@@ -102,23 +105,25 @@ void print_run(std::FILE* out, const BenchReport& report, const RunReport& run) 
   // GFLOP/s on the CPU, where TFLOP/s would be all zeros.
   const bool giga = report.device_type == "cpu";
   const std::vector<std::string> head = {
-      "row", "median ms", giga ? "GFLOP/s" : "TFLOP/s", "GB/s", "floor ms", "time/floor", "note"};
+      "row",  "median ms", "host issue ms", giga ? "GFLOP/s" : "TFLOP/s",
+      "GB/s", "floor ms",  "time/floor",    "note"};
   std::vector<std::vector<std::string>> table;
   for (const Row& r : run.rows) {
-    std::vector<std::string> cells(7);
+    std::vector<std::string> cells(head.size());
     cells[0] = (r.group == "baseline" ? "baseline: " : "") + r.name;
     if (!r.ok()) {
       cells[1] = "n/a";
-      cells[6] = shorten(r.error.empty() ? "not run" : r.error, 110);
+      cells[7] = shorten(r.error.empty() ? "not run" : r.error, 110);
     } else {
       const double ms = r.median_ms();
       cells[1] = readable(ms);
-      cells[2] = r.flops > 0 ? readable(r.flops / (ms * 1e-3) / (giga ? 1e9 : 1e12)) : "-";
-      cells[3] = r.bytes > 0 ? readable(r.bytes / (ms * 1e-3) / 1e9) : "-";
+      cells[2] = r.host_issue_ms.empty() ? "-" : readable(median(r.host_issue_ms));
+      cells[3] = r.flops > 0 ? readable(r.flops / (ms * 1e-3) / (giga ? 1e9 : 1e12)) : "-";
+      cells[4] = r.bytes > 0 ? readable(r.bytes / (ms * 1e-3) / 1e9) : "-";
       const double fl = floor_ms(r, ce);
-      cells[4] = floors && fl > 0 ? readable(fl) : "-";
-      cells[5] = floors && fl > 0 ? readable(ms / fl) : "-";
-      cells[6] = r.note;
+      cells[5] = floors && fl > 0 ? readable(fl) : "-";
+      cells[6] = floors && fl > 0 ? readable(ms / fl) : "-";
+      cells[7] = r.note;
     }
     table.push_back(cells);
   }
@@ -185,6 +190,12 @@ std::string number(double v) {
 
 std::string integer(int64_t v) { return std::to_string(v); }
 
+std::string numbers(const std::vector<double>& v) {
+  std::string o = "[";
+  for (size_t i = 0; i < v.size(); ++i) o += (i ? ", " : "") + number(v[i]);
+  return o + "]";
+}
+
 // Fields of one JSON object, written on one line each.
 class Object {
  public:
@@ -235,11 +246,11 @@ std::string row_json(const Row& r, const Ceilings& ce, int indent) {
     o.num("gbps", r.bytes / (ms * 1e-3) / 1e9);
     const double fl = floor_ms(r, ce);
     if (fl > 0) o.num("floor_ms", fl).num("time_over_floor", ms / fl);
-    std::vector<std::string> samples;
-    for (double s : r.samples_ms) samples.push_back(number(s));
-    std::string joined = "[";
-    for (size_t i = 0; i < samples.size(); ++i) joined += (i ? ", " : "") + samples[i];
-    o.add("samples_ms", joined + "]");
+    o.add("samples_ms", numbers(r.samples_ms));
+    if (!r.host_issue_ms.empty()) {
+      o.num("host_issue_ms", median(r.host_issue_ms));
+      o.add("host_issue_samples_ms", numbers(r.host_issue_ms));
+    }
   }
   if (!r.note.empty()) o.str("note", r.note);
   return o.text();

@@ -17,6 +17,8 @@ struct Row {
   std::string group;  // "layer", "op", "baseline"
   std::string error;  // non-empty: the row did not run (printed as n/a with this message)
   std::vector<double> samples_ms;
+  // Host wall time of issuing each call (the eager layer rows); empty where not measured.
+  std::vector<double> host_issue_ms;
   double flops = 0.0;
   double bytes = 0.0;
   std::string note;
