@@ -44,33 +44,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# CUTLASS's headers (the Hopper GEMMs with SwiGLU in their epilogues): the include tree of PyPI's
-# nvidia-cutlass wheel, unpacked into .deps/cutlass/include. Only where nvcc is; without them
-# (no network, say) the build uses cuBLASLt and separate kernels alone, and says so.
-CUTLASS_VERSION=4.2.0.0
-if { have nvcc || [ -x /usr/local/cuda/bin/nvcc ]; } && [ ! -f .deps/cutlass/include/cutlass/cutlass.h ]; then
-  echo "install_deps: fetching CUTLASS $CUTLASS_VERSION headers from PyPI (nvidia-cutlass)"
-  wheels=$(mktemp -d)
-  if python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" \
-       "nvidia-cutlass==$CUTLASS_VERSION"; then
-    python3 - "$wheels" <<'PY'
-import pathlib, sys, zipfile
-wheel = next(pathlib.Path(sys.argv[1]).glob("nvidia_cutlass-*.whl"))
-prefix = "cutlass_library/source/include/"
-out = pathlib.Path(".deps/cutlass/include")
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        if name.startswith(prefix) and not name.endswith("/"):
-            target = out / name[len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(z.read(name))
-PY
-  else
-    echo "install_deps: could not download nvidia-cutlass; building without the CUTLASS kernels" >&2
-  fi
-  rm -rf "$wheels"
-fi
-
 # CMakeLists.txt needs CMake 3.24 or newer.
 version=$(cmake --version | head -n1 | sed 's/[^0-9.]*//')
 if [ "$(printf '%s\n' 3.24 "$version" | sort -V | head -n1)" != 3.24 ]; then

@@ -1,26 +1,17 @@
-// CUDA shared SwiGLU MLP. On Hopper with CUTLASS (sm90/swiglu_gemm.h) the activation and its
-// gradient run in the epilogues of the up product (forward) and the dh product (backward); else
-// the projections are cuBLASLt GEMMs (gemm.h) and the activation and its gradient are one
-// vectorised elementwise kernel each. fp32 math (fp64 for f64 storage) either way.
+// CUDA shared SwiGLU MLP: the projections are cuBLASLt GEMMs (gemm.h); the activation and its
+// gradient are one vectorised elementwise kernel each, fp32 math (fp64 for f64 storage).
 //
 // Workspace (each region 256-byte aligned):
-//   forward:  h [T, I]                                | GEMM workspace
-//   backward: h [T, I] | d_gate [T, I] | dh, then d_up [T, I] | GEMM workspace
+//   forward:  h [T, I]                     | cuBLASLt workspace
+//   backward: h [T, I] | d_gate [T, I] | dh, then d_up in place [T, I] | cuBLASLt workspace
 // Later: when W_gate and W_up are adjacent in memory (one [2I, d] tensor), the two input GEMMs
 // of forward and the two dx GEMMs of backward could each run as one.
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "backend/backend.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/gemm.h"
-#include "cuda/mlp_swiglu.h"
-#include "cuda/swiglu_math.cuh"
-#if OMNIMOE_WITH_CUTLASS
-#include "cuda/sm90/swiglu_gemm.h"
-#endif
 
 namespace omnimoe::cuda {
 namespace {
@@ -72,6 +63,9 @@ __device__ __forceinline__ T from_acc(acc_t<T> v) {
   }
 }
 
+__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+__device__ __forceinline__ double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+
 // V consecutive elements, loaded and stored as one access.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -93,13 +87,13 @@ __global__ void swiglu_forward_kernel(const T* __restrict__ g, const T* __restri
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const Acc z = to_acc(gp.v[j]);
-      hp.v[j] = from_acc<T>(swiglu::forward(z, swiglu::sigmoid(z), to_acc(up.v[j])));
+      hp.v[j] = from_acc<T>(z * sigmoid(z) * to_acc(up.v[j]));
     }
     reinterpret_cast<P*>(h)[i] = hp;
   }
   for (int64_t i = packs * V + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += step) {
     const Acc z = to_acc(g[i]);
-    h[i] = from_acc<T>(swiglu::forward(z, swiglu::sigmoid(z), to_acc(u[i])));
+    h[i] = from_acc<T>(z * sigmoid(z) * to_acc(u[i]));
   }
 }
 
@@ -114,10 +108,10 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ g, const T* __restr
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   const int64_t packs = n / V;
   auto one = [](T gv, T uv, T dhv, T& hv, T& dg, T& du) {
-    const Acc z = to_acc(gv), s = swiglu::sigmoid(z), up = to_acc(uv), d = to_acc(dhv);
-    hv = from_acc<T>(swiglu::forward(z, s, up));
-    dg = from_acc<T>(swiglu::grad_gate(z, s, up, d));
-    du = from_acc<T>(swiglu::grad_up(z, s, d));
+    const Acc z = to_acc(gv), s = sigmoid(z), up = to_acc(uv), d = to_acc(dhv);
+    hv = from_acc<T>(z * s * up);
+    dg = from_acc<T>(d * up * s * (Acc(1) + z * (Acc(1) - s)));
+    du = from_acc<T>(d * z * s);
   };
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs; i += step) {
     const P gp = reinterpret_cast<const P*>(g)[i];
@@ -188,23 +182,6 @@ void swiglu_backward(DType dtype, const void* g, const void* u, const void* dh, 
 
 }  // namespace
 
-bool mlp_swiglu_fused(DType dtype, const Exec& exec) {
-#if OMNIMOE_WITH_CUTLASS
-  if (const char* v = std::getenv("OMNIMOE_MLP_SWIGLU"); v && *v) {
-    const std::string s(v);
-    OMNIMOE_CHECK(s == "fused" || s == "separate", "OMNIMOE_MLP_SWIGLU is '", s,
-                  "' (expected fused, the default where it applies, or separate)");
-    if (s == "separate") return false;
-  }
-  return (dtype == DType::bf16 || dtype == DType::f16) &&
-         swiglu_gemm_device_supported(exec.device.index);
-#else
-  (void)dtype;
-  (void)exec;
-  return false;
-#endif
-}
-
 size_t mlp_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype) {
   return kAlign + activation_bytes(cfg, tokens, dtype) + gemm_workspace_bytes();
 }
@@ -225,16 +202,8 @@ void forward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights&
   const Buffer gemm_ws = carve.rest();
 
   gemm(x, false, weights.gate, true, saved.gate_pre, 1.0f, 0.0f, gemm_ws, exec);
-#if OMNIMOE_WITH_CUTLASS
-  if (mlp_swiglu_fused(x.dtype, exec) &&
-      swiglu_gemm_views_supported({&x, &weights.up, &saved.gate_pre, &saved.up_pre, &h})) {
-    swiglu_up_gemm(x, weights.up, saved.gate_pre, saved.up_pre, h, gemm_ws, exec);
-  } else
-#endif
-  {
-    gemm(x, false, weights.up, true, saved.up_pre, 1.0f, 0.0f, gemm_ws, exec);
-    swiglu_forward(x.dtype, saved.gate_pre.data, saved.up_pre.data, h.data, tokens * I, stream);
-  }
+  gemm(x, false, weights.up, true, saved.up_pre, 1.0f, 0.0f, gemm_ws, exec);
+  swiglu_forward(x.dtype, saved.gate_pre.data, saved.up_pre.data, h.data, tokens * I, stream);
   if (addend) {
     (*join)();
     gemm(h, false, weights.down, true, *addend, y, 1.0f, 1.0f, gemm_ws, exec);
@@ -279,24 +248,14 @@ void backward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights
   };
   const TensorView h = activation();
   const TensorView d_gate = activation();
-  const TensorView d_up = activation();  // dh first, on the separate path (d_up in place)
+  const TensorView dh = activation();  // becomes d_up in place
+  const TensorView& d_up = dh;
   const Buffer gemm_ws = carve.rest();
 
   // With T = 0 the weight-gradient GEMMs have k = 0 and write zeros.
-#if OMNIMOE_WITH_CUTLASS
-  if (tokens > 0 && mlp_swiglu_fused(dt, exec) &&
-      swiglu_gemm_views_supported({&dy, &weights.down, &saved.gate_pre, &saved.up_pre, &d_gate,
-                                   &d_up, &h})) {
-    swiglu_down_grad_gemm(dy, weights.down, saved.gate_pre, saved.up_pre, d_gate, d_up, h,
-                          gemm_ws, exec);
-  } else
-#endif
-  {
-    const TensorView& dh = d_up;
-    gemm(dy, false, weights.down, false, dh, 1.0f, 0.0f, gemm_ws, exec);  // [T, I] = dy W_down
-    swiglu_backward(dt, saved.gate_pre.data, saved.up_pre.data, dh.data, h.data, d_gate.data,
-                    d_up.data, tokens * I, stream);
-  }
+  gemm(dy, false, weights.down, false, dh, 1.0f, 0.0f, gemm_ws, exec);  // [T, I] = dy W_down
+  swiglu_backward(dt, saved.gate_pre.data, saved.up_pre.data, dh.data, h.data, d_gate.data,
+                  d_up.data, tokens * I, stream);
   gemm(dy, true, h, false, grads.down, 1.0f, 0.0f, gemm_ws, exec);      // [d, I] = dy^T h
   gemm(d_gate, true, x, false, grads.gate, 1.0f, 0.0f, gemm_ws, exec);  // [I, d]
   gemm(d_up, true, x, false, grads.up, 1.0f, 0.0f, gemm_ws, exec);

@@ -1,13 +1,10 @@
-// CUDA shared MLP against the CPU backend, forward and backward, from the same random inputs,
-// on both SwiGLU executions: fused into the GEMM epilogues (sm_90 with CUTLASS) and separate.
+// CUDA shared MLP against the CPU backend, forward and backward, from the same random inputs.
 #include <omnimoe/omnimoe.h>
 
 #include <cmath>
 #include <string>
 
-#include "cuda/mlp_swiglu.h"
 #include "cuda_test_support.h"
-#include "experts_problem.h"  // ScopedEnv
 
 namespace omnimoe::test {
 namespace {
@@ -17,7 +14,6 @@ struct MlpCase {
   int64_t tokens, hidden, inter;
   int64_t padding;  // extra elements per row of x, y, dy, dx, weights and grads
   bool accumulate;  // y (forward) and dx (backward) are added to
-  const char* swiglu = nullptr;  // OMNIMOE_MLP_SWIGLU: nullptr (the default choice) or "separate"
 };
 
 std::string case_name(const MlpCase& c) {
@@ -25,7 +21,6 @@ std::string case_name(const MlpCase& c) {
                   std::to_string(c.hidden) + "_I" + std::to_string(c.inter);
   if (c.padding) s += "_pad" + std::to_string(c.padding);
   if (c.accumulate) s += "_accumulate";
-  if (c.swiglu) s += std::string("_") + c.swiglu;
   return s;
 }
 
@@ -54,7 +49,6 @@ class MlpCuda : public ::testing::TestWithParam<MlpCase> {};
 TEST_P(MlpCuda, ForwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const MlpCase c = GetParam();
-  ScopedEnv env("OMNIMOE_MLP_SWIGLU", c.swiglu);
   const LayerConfig cfg = config_for(c);
   const DType dt = c.dtype;
   MirroredTensor x(make_random(dt, {c.tokens, c.hidden}, 1, c.padding));
@@ -79,7 +73,6 @@ TEST_P(MlpCuda, ForwardMatchesCpu) {
 TEST_P(MlpCuda, BackwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const MlpCase c = GetParam();
-  ScopedEnv env("OMNIMOE_MLP_SWIGLU", c.swiglu);
   const LayerConfig cfg = config_for(c);
   const DType dt = c.dtype;
   MirroredTensor x(make_random(dt, {c.tokens, c.hidden}, 1, c.padding));
@@ -117,15 +110,12 @@ std::vector<MlpCase> mlp_cases() {
   }
   cases.push_back({DType::bf16, 1, 37, 53, 0, false});
   cases.push_back({DType::f32, 64, 1, 1, 1, false});
-  // 16-byte-aligned rows: the fused products where they apply (a partial 128-row tile, several
-  // column tiles, one token, padded rows), and the same shapes on the separate kernels
-  // (vectorised elementwise path).
-  for (const char* swiglu : {static_cast<const char*>(nullptr), "separate"}) {
-    cases.push_back({DType::bf16, 300, 128, 256, 0, true, swiglu});
-    cases.push_back({DType::bf16, 520, 256, 1024, 0, false, swiglu});
-    cases.push_back({DType::f16, 257, 64, 136, 8, true, swiglu});
-    cases.push_back({DType::bf16, 1, 64, 200, 8, false, swiglu});
-  }
+  // 16-byte-aligned rows (the vectorised elementwise path): a partial 128-row tile and several
+  // column tiles, padded rows, one token.
+  cases.push_back({DType::bf16, 300, 128, 256, 0, true});
+  cases.push_back({DType::bf16, 520, 256, 1024, 0, false});
+  cases.push_back({DType::f16, 257, 64, 136, 8, true});
+  cases.push_back({DType::bf16, 1, 64, 200, 8, false});
   return cases;
 }
 
@@ -133,30 +123,6 @@ INSTANTIATE_TEST_SUITE_P(Cases, MlpCuda, ::testing::ValuesIn(mlp_cases()),
                          [](const ::testing::TestParamInfo<MlpCase>& info) {
                            return case_name(info.param);
                          });
-
-// Where the build has CUTLASS and the device is an sm_90, bf16 and f16 take the fused products
-// (else the cases above test only the separate kernels twice); the knob turns them off.
-TEST(MlpCudaPath, FusedSwigluWhereSupported) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
-  const Exec e = cuda_exec(nullptr);
-  int major = 0, minor = 0;
-  OMNIMOE_TEST_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
-  OMNIMOE_TEST_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
-#if OMNIMOE_WITH_CUTLASS
-  const bool expected = major == 9 && minor == 0;
-#else
-  const bool expected = false;
-#endif
-  EXPECT_EQ(cuda::mlp_swiglu_fused(DType::bf16, e), expected);
-  EXPECT_EQ(cuda::mlp_swiglu_fused(DType::f16, e), expected);
-  EXPECT_FALSE(cuda::mlp_swiglu_fused(DType::f32, e));
-  {
-    ScopedEnv env("OMNIMOE_MLP_SWIGLU", "separate");
-    EXPECT_FALSE(cuda::mlp_swiglu_fused(DType::bf16, e));
-  }
-  ScopedEnv env("OMNIMOE_MLP_SWIGLU", "fast");
-  EXPECT_THROW(cuda::mlp_swiglu_fused(DType::bf16, e), Error);
-}
 
 // T = 0: backward still overwrites the weight gradients, with zeros.
 TEST(MlpCudaEmpty, bf16_T0_d37_I53_backward_writes_zero_grads) {

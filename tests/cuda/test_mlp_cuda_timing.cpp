@@ -6,12 +6,7 @@
 #include <cstdio>
 
 #include "cuda/gemm.h"
-#include "cuda/mlp_swiglu.h"
 #include "cuda_test_support.h"
-#include "experts_problem.h"  // ScopedEnv
-#if OMNIMOE_WITH_CUTLASS
-#include "cuda/sm90/swiglu_gemm.h"
-#endif
 
 namespace omnimoe::test {
 namespace {
@@ -99,71 +94,6 @@ TEST(MlpCudaTiming, DISABLED_bf16_T4096_d1024_I4096) {
               long(d), long(I), bwd, 6 * flop / bwd * 1e-9);
   EXPECT_TRUE(download(y).all_finite());
   EXPECT_TRUE(download(dwg).all_finite());
-}
-
-// The fused SwiGLU products in each tile configuration, beside the cuBLASLt product and the
-// elementwise kernel they replace, then the whole MLP on each execution, at ref-quickstart's size.
-TEST(MlpCudaTiming, DISABLED_swiglu_configs_bf16_T4096_d1024_I4096) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
-#if OMNIMOE_WITH_CUTLASS
-  const DType dt = DType::bf16;
-  const int64_t T = 4096, d = 1024, I = 4096;
-  CudaStream stream;
-  const Exec e = cuda_exec(stream.get());
-  if (!cuda::mlp_swiglu_fused(dt, e)) GTEST_SKIP() << "no fused SwiGLU on this device";
-  DeviceTensor x = random_device(dt, T, d, 1, 1.0), dy = random_device(dt, T, d, 5, 1.0);
-  DeviceTensor wg = random_device(dt, I, d, 2, 0.03), wu = random_device(dt, I, d, 3, 0.03);
-  DeviceTensor wd = random_device(dt, d, I, 4, 0.015);
-  DeviceTensor g = random_device(dt, T, I, 6, 2.0), u = random_device(dt, T, I, 7, 2.0);
-  DeviceTensor h = upload(HostTensor(dt, {T, I})), dg = upload(HostTensor(dt, {T, I}));
-  DeviceTensor du = upload(HostTensor(dt, {T, I})), y = upload(HostTensor(dt, {T, d}));
-  DeviceTensor dx = upload(HostTensor(dt, {T, d}));
-  DeviceTensor dwg = upload(HostTensor(dt, {I, d})), dwu = upload(HostTensor(dt, {I, d}));
-  DeviceTensor dwd = upload(HostTensor(dt, {d, I}));
-  DeviceBuffer ws(cuda::gemm_workspace_bytes());
-  const double flop = 2.0 * T * d * I;
-  auto report = [&](const char* what, double ms) {
-    std::printf("%-44s %.4f ms, %.1f TFLOP/s\n", what, ms, flop / ms * 1e-9);
-  };
-  report("cublaslt u = x Wu^T", median_ms([&] {
-    cuda::gemm(x.view(), false, wu.view(), true, u.view(), 1, 0, ws.buffer(), e);
-  }, kWarmup, kIters, stream.get()));
-  report("cublaslt dh = dy Wd", median_ms([&] {
-    cuda::gemm(dy.view(), false, wd.view(), false, du.view(), 1, 0, ws.buffer(), e);
-  }, kWarmup, kIters, stream.get()));
-  const LayerConfig cfg = make_config(d, 1, 1, 1, I);
-  DeviceBuffer fws(mlp_forward_workspace_bytes(cfg, T, dt, e));
-  DeviceBuffer bws(mlp_backward_workspace_bytes(cfg, T, dt, e));
-  auto mlp = [&](const char* label) {
-    const double fwd = median_ms([&] {
-      mlp_forward(cfg, x.view(), {wg.view(), wu.view(), wd.view()}, y.view(), false,
-                  {g.view(), u.view()}, fws.buffer(), e);
-    }, kWarmup, kIters, stream.get());
-    const double bwd = median_ms([&] {
-      mlp_backward(cfg, x.view(), {wg.view(), wu.view(), wd.view()}, {g.view(), u.view()},
-                   dy.view(), dx.view(), false, {dwg.view(), dwu.view(), dwd.view()},
-                   bws.buffer(), e);
-    }, kWarmup, kIters, stream.get());
-    std::printf("mlp %-24s forward %.4f ms, backward %.4f ms\n", label, fwd, bwd);
-  };
-  for (const char* c : {"pingpong_128x128", "coop_128x256", "coop_256x128"}) {
-    ScopedEnv env("OMNIMOE_SWIGLU_GEMM_CONFIG", c);
-    std::printf("config %s\n", c);
-    report("  fused u = x Wu^T, h = silu(g) u", median_ms([&] {
-      cuda::swiglu_up_gemm(x.view(), wu.view(), g.view(), u.view(), h.view(), ws.buffer(), e);
-    }, kWarmup, kIters, stream.get()));
-    report("  fused dh = dy Wd -> d_gate, d_up, h", median_ms([&] {
-      cuda::swiglu_down_grad_gemm(dy.view(), wd.view(), g.view(), u.view(), dg.view(), du.view(),
-                                  h.view(), ws.buffer(), e);
-    }, kWarmup, kIters, stream.get()));
-    mlp(c);
-  }
-  ScopedEnv env("OMNIMOE_MLP_SWIGLU", "separate");
-  mlp("separate");
-  EXPECT_TRUE(download(y).all_finite());
-#else
-  GTEST_SKIP() << "built without CUTLASS";
-#endif
 }
 
 }  // namespace
