@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "backend/backend.h"
 #include "cuda/cuda_common.cuh"
@@ -14,8 +15,8 @@
 namespace omnimoe::cuda {
 namespace {
 
-// Bytes of the chunk matrices (S in f32 plus the storage-dtype coefficient matrices): large
-// enough that the GEMMs run at full rate, small enough to sit beside the layer's other buffers.
+// Bytes of the chunk matrices (S plus the storage-dtype coefficient matrices): large enough
+// that the GEMMs run at full rate, small enough to sit beside the layer's other buffers.
 constexpr int64_t kChunkBudgetBytes = int64_t{512} << 20;
 constexpr uintptr_t kAlign = 256;  // every carved buffer starts on 256 bytes (cuBLASLt's best)
 constexpr int kThreads = 256;
@@ -40,6 +41,21 @@ int64_t env_cap(const char* name) {
 
 enum class Direction { forward, backward };
 
+// The forward's S is f32 unless OMNIMOE_EXPERTS_DENSE_SCORES=storage: then the S product writes
+// the storage dtype (half the bytes, chunks half again as large, a faster GEMM epilogue), and
+// preact carries that rounding, beyond the f32 tolerance preact is held to (see the design doc).
+// The backward's S stays f32: DA's high/low split needs s exactly.
+bool forward_scores_in_storage() {
+  const char* v = std::getenv("OMNIMOE_EXPERTS_DENSE_SCORES");
+  return v && std::strcmp(v, "storage") == 0;
+}
+
+// Bytes of one element of S.
+int64_t score_bytes(DType dtype, Direction dir) {
+  const bool storage = dir == Direction::forward && forward_scores_in_storage();
+  return storage ? static_cast<int64_t>(dtype_size(dtype)) : int64_t{4};
+}
+
 // Forward runs in chunks of tokens (rows of S = X_c W^T over all experts) unless
 // OMNIMOE_EXPERTS_DENSE_FORWARD=experts (chunks of experts, y summed in fp32); backward always in
 // chunks of experts.
@@ -58,20 +74,21 @@ struct Chunking {
 Chunking chunking(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction dir) {
   const int64_t n = cfg.num_experts();
   const auto es = static_cast<int64_t>(dtype_size(dtype));
+  const int64_t sb = score_bytes(dtype, dir);
+  const int64_t t = std::max<int64_t>(tokens, 1);
   Chunking c{};
   c.by_experts = dir == Direction::backward || forward_by_experts();
-  if (!c.by_experts) {  // [Tc, N] S (f32) and A
-    int64_t tc = std::max<int64_t>(1, kChunkBudgetBytes / (padded(n) * (4 + es)));
+  if (!c.by_experts) {  // [Tc, N] S and A
+    int64_t tc = std::max<int64_t>(1, kChunkBudgetBytes / (padded(n) * (sb + es)));
     if (const int64_t cap = env_cap("OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS")) tc = std::min(tc, cap);
-    c.size = std::min(tc, std::max<int64_t>(tokens, 1));
-    c.count = ceil_div(tokens, c.size);
+    c.count = ceil_div(t, std::min(tc, t));
+    c.size = ceil_div(t, c.count);  // even chunks: no narrow last product
     c.rows = c.size;
     c.ld = padded(n);
     return c;
   }
-  // [T, Nc] S (f32) and A (forward), or S, DA high and low, G (backward), per expert column.
-  const int64_t t = std::max<int64_t>(tokens, 1);
-  const int64_t col_bytes = t * (dir == Direction::forward ? 4 + es : 4 + 3 * es);
+  // [T, Nc] S and A (forward), or S (f32), DA high and low, G (backward), per expert column.
+  const int64_t col_bytes = t * (dir == Direction::forward ? sb + es : 4 + 3 * es);
   int64_t nc = std::max<int64_t>(1, kChunkBudgetBytes / col_bytes);
   if (const int64_t cap = env_cap("OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS")) nc = std::min(nc, cap);
   nc = std::min(nc, n);
@@ -84,7 +101,7 @@ Chunking chunking(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction
 
 // The caller's workspace, carved in the order the sizes are listed.
 struct Layout {
-  size_t s = 0;       // f32 [rows, ld]
+  size_t s = 0;       // [rows, ld]: f32, or storage (forward with OMNIMOE_EXPERTS_DENSE_SCORES)
   size_t coef = 0;    // A (forward) or DA high over DA low, [2 rows, ld], then G (backward)
   size_t gh = 0;      // G [rows, ld] (backward)
   size_t x2 = 0;      // [2T, d] storage: X over X (backward)
@@ -101,7 +118,7 @@ Layout layout(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction dir
   const auto cells = static_cast<size_t>(c.rows * c.ld);
   const auto td = static_cast<size_t>(tokens * cfg.hidden);
   Layout l;
-  l.s = cells * sizeof(float);
+  l.s = cells * static_cast<size_t>(score_bytes(dtype, dir));
   if (dir == Direction::forward) {
     l.coef = cells * es;
     if (c.by_experts) l.sum = td * sizeof(float);
@@ -115,7 +132,7 @@ Layout layout(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction dir
 }
 
 struct Carved {
-  float* s = nullptr;
+  void* s = nullptr;
   void* coef = nullptr;
   void* gh = nullptr;
   void* x2 = nullptr;
@@ -131,22 +148,13 @@ Carved carve(Buffer ws, const Layout& l) {
     return r;
   };
   Carved c;
-  c.s = static_cast<float*>(take(l.s));
+  c.s = take(l.s);
   c.coef = take(l.coef);
   c.gh = take(l.gh);
   c.x2 = take(l.x2);
   c.sum = static_cast<float*>(take(l.sum));
   c.gemm_ws = Buffer{reinterpret_cast<void*>(p), gemm_workspace_bytes()};
   return c;
-}
-
-// Rows [r0, r0 + rows) of a 2-D view.
-TensorView rows_of(const TensorView& v, int64_t r0, int64_t rows) {
-  TensorView r = v;
-  const auto elem = static_cast<int64_t>(dtype_size(v.dtype));
-  r.data = static_cast<char*>(v.data) + r0 * v.strides[0] * elem;
-  r.shape[0] = rows;
-  return r;
 }
 
 // Zeroes `count` (a multiple of 8) 16-bit elements of shared memory.
@@ -189,24 +197,24 @@ __device__ __forceinline__ void load_ids(int32_t ids[kPairsPerThread], const int
 }
 
 // Forward, one block per row r of the chunk (indices, gates and preact offset to its first
-// token): for the row's pairs whose expert e is in [c0, c0 + cols): preact = S[r, e - c0],
-// A[r, e - c0] = g * act(preact); every other entry of A's row is zero. Ids are distinct per
-// token (a repeated id would race for one entry).
+// token; S is f32 or the storage type): for the row's pairs whose expert e is in
+// [c0, c0 + cols): preact = S[r, e - c0], A[r, e - c0] = g * act(preact); every other entry of
+// A's row is zero. Ids are distinct per token (a repeated id would race for one entry).
 // Rows of K <= kCachedPairs first load all their pairs (each thread's loads issued in two
 // groups of 8 before any is used) and stage column and value in shared memory for the segment
 // passes: a version that loaded pair by pair inside each segment waited on serialised misses
 // (4.4 ms against 3.2 at paper-k4096-t4k, H100). Longer rows read their pairs per segment.
 constexpr int64_t kCachedPairs = int64_t{kThreads} * kPairsPerThread;
 
-template <typename T>
+template <typename T, typename Score>
 __global__ void __launch_bounds__(kThreads, 1)
-    dense_forward_fill_kernel(const float* __restrict__ s, T* __restrict__ a, int64_t ld,
+    dense_forward_fill_kernel(const Score* __restrict__ s, T* __restrict__ a, int64_t ld,
                               int64_t cols, int64_t c0, const int32_t* __restrict__ idx,
                               const float* __restrict__ gates, float* __restrict__ preact,
                               int64_t top_k, Activation act) {
   __shared__ __align__(16) T seg[kSegment];
   const int64_t r = blockIdx.x;
-  const float* s_row = s + r * ld;
+  const Score* s_row = s + r * ld;
   T* a_row = a + r * ld;
   const int32_t* idx_row = idx + r * top_k;
   const float* g_row = gates + r * top_k;
@@ -223,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         const int j = j0 + i;
-        sv[i] = col[j] >= 0 ? s_row[col[j]] : 0.0f;
+        sv[i] = col[j] >= 0 ? load_float(s_row[col[j]]) : 0.0f;
         gv[i] = col[j] >= 0 ? g_row[threadIdx.x + j * kThreads] : 0.0f;
       }
 #pragma unroll
@@ -259,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     for_pairs_in_segment(idx_row, top_k, c0, static_cast<int>(s0), width,
                          [&](int64_t k, int col) {
-                           const float z = s_row[s0 + col];
+                           const float z = load_float(s_row[s0 + col]);
                            z_row[k] = z;
                            seg[col] = store_float<T>(g_row[k] * activate(act, z));
                          });
@@ -417,27 +425,29 @@ void copy_rows(const TensorView& v, void* dst, cudaStream_t stream) {
                                        stream));
 }
 
-template <typename T>
+template <typename T, typename Score>
 void forward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& w,
                    const TensorView& indices, const TensorView& gates, const TensorView& y,
                    bool accumulate, const TensorView& preact, Buffer workspace, const Exec& exec) {
   const int64_t tokens = x.shape[0], n = cfg.num_experts(), K = cfg.top_k, d = cfg.hidden;
   const DType dtype = x.dtype;
+  const DType score_dtype = std::is_same_v<Score, float> ? DType::f32 : dtype;
   const cudaStream_t stream = stream_of(exec);
   const Chunking c = chunking(cfg, tokens, dtype, Direction::forward);
   const Carved ws = carve(workspace, layout(cfg, tokens, dtype, Direction::forward));
   const auto* idx = static_cast<const int32_t*>(indices.data);
   const auto* g = static_cast<const float*>(gates.data);
   auto* z = static_cast<float*>(preact.data);
+  auto* s_data = static_cast<Score*>(ws.s);
   auto* a = static_cast<T*>(ws.coef);
   if (!c.by_experts) {
     for (int64_t t0 = 0; t0 < tokens; t0 += c.size) {
       const int64_t rows = std::min(c.size, tokens - t0);
-      const TensorView s = TensorView::matrix(ws.s, DType::f32, rows, n, c.ld, exec.device);
+      const TensorView s = TensorView::matrix(ws.s, score_dtype, rows, n, c.ld, exec.device);
       const TensorView av = TensorView::matrix(a, dtype, rows, n, c.ld, exec.device);
       gemm(rows_of(x, t0, rows), false, w.up, true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
-      dense_forward_fill_kernel<T><<<row_blocks(rows), kThreads, 0, stream>>>(
-          ws.s, a, c.ld, n, 0, idx + t0 * K, g + t0 * K, z + t0 * K, K, cfg.act);
+      dense_forward_fill_kernel<T, Score><<<row_blocks(rows), kThreads, 0, stream>>>(
+          s_data, a, c.ld, n, 0, idx + t0 * K, g + t0 * K, z + t0 * K, K, cfg.act);
       OMNIMOE_CUDA_CHECK_LAUNCH("dense_forward_fill_kernel");
       gemm(av, false, w.down, false, rows_of(y, t0, rows), 1.0f, accumulate ? 1.0f : 0.0f,
            ws.gemm_ws, exec);
@@ -447,11 +457,11 @@ void forward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWeig
   const TensorView y_sum = TensorView::matrix(ws.sum, DType::f32, tokens, d, d, exec.device);
   for (int64_t ci = 0; ci < c.count; ++ci) {
     const int64_t e0 = ci * c.size, cols = std::min(c.size, n - e0);
-    const TensorView s = TensorView::matrix(ws.s, DType::f32, tokens, cols, c.ld, exec.device);
+    const TensorView s = TensorView::matrix(ws.s, score_dtype, tokens, cols, c.ld, exec.device);
     const TensorView av = TensorView::matrix(a, dtype, tokens, cols, c.ld, exec.device);
     gemm(x, false, rows_of(w.up, e0, cols), true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
-    dense_forward_fill_kernel<T><<<row_blocks(tokens), kThreads, 0, stream>>>(
-        ws.s, a, c.ld, cols, e0, idx, g, z, K, cfg.act);
+    dense_forward_fill_kernel<T, Score><<<row_blocks(tokens), kThreads, 0, stream>>>(
+        s_data, a, c.ld, cols, e0, idx, g, z, K, cfg.act);
     OMNIMOE_CUDA_CHECK_LAUNCH("dense_forward_fill_kernel");
     gemm(av, false, rows_of(w.down, e0, cols), false, y_sum, 1.0f, ci == 0 ? 0.0f : 1.0f,
          ws.gemm_ws, exec);
@@ -495,7 +505,8 @@ void backward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWei
     const TensorView ghv = TensorView::matrix(gh, dtype, tokens, cols, c.ld, exec.device);
     gemm(dy, false, rows_of(w.down, e0, cols), true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
     dense_backward_fill_kernel<T><<<row_blocks(tokens), kThreads, 0, stream>>>(
-        ws.s, da, da + tokens * c.ld, gh, c.ld, cols, e0, idx, g, z, dg, K, cfg.act);
+        static_cast<const float*>(ws.s), da, da + tokens * c.ld, gh, c.ld, cols, e0, idx, g, z, dg,
+        K, cfg.act);
     OMNIMOE_CUDA_CHECK_LAUNCH("dense_backward_fill_kernel");
     // dx sums over chunks in fp32; dW and dV rows of the chunk are written once (rows of
     // experts nobody chose come out zero).
@@ -540,9 +551,15 @@ void experts_dense_forward(const LayerConfig& cfg, const TensorView& x,
                            const TensorView& gates, const TensorView& y, bool accumulate,
                            const TensorView& preact, Buffer workspace, const Exec& exec) {
   const DeviceGuard guard(exec);
+  const bool storage_scores = forward_scores_in_storage();
   dispatch_half(x.dtype, [&](auto tag) {
-    forward_typed<decltype(tag)>(cfg, x, weights, indices, gates, y, accumulate, preact, workspace,
-                                 exec);
+    using T = decltype(tag);
+    if (storage_scores) {
+      forward_typed<T, T>(cfg, x, weights, indices, gates, y, accumulate, preact, workspace, exec);
+    } else {
+      forward_typed<T, float>(cfg, x, weights, indices, gates, y, accumulate, preact, workspace,
+                              exec);
+    }
   });
 }
 

@@ -1,6 +1,7 @@
 // Dense-masked execution of the atomic experts, for dense routings (K/N of a few percent), where
 // the products over all N experts on the tensor cores (cuBLASLt) cost less than the sparse
-// kernels. Forward, per chunk of tokens: S = X_c W^T over all experts (fp32), a fill kernel
+// kernels. Forward, per chunk of tokens: S = X_c W^T over all experts (fp32 unless
+// OMNIMOE_EXPERTS_DENSE_SCORES=storage, below), a fill kernel
 // writes preact and the [tokens, N] coefficient matrix A = g * act(S) at the chosen entries and
 // zeros elsewhere (storage dtype), then y_c = A V. Backward, per chunk of experts [e0, e1):
 // S = dY V_c^T ([T, Nc] fp32), a fill kernel writes dgates and the [T, Nc] matrices DA =
@@ -12,7 +13,10 @@
 // bf16 and f16 only: f32 storage would need FP32 GEMMs (no TF32: the CPU is the oracle) at about
 // 1/15 of the bf16 rate, where the gather path wins.
 // OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS (forward) and OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS (backward)
-// cap the chunks (tests reach many chunks with them).
+// cap the chunks (tests reach many chunks with them). OMNIMOE_EXPERTS_DENSE_SCORES=storage writes
+// the forward's S in the storage dtype instead of fp32 (half the bytes, larger token chunks);
+// preact then carries that rounding, which the fp32 contract of preact does not allow, so fp32
+// (OMNIMOE_EXPERTS_DENSE_SCORES=f32 or unset) is the default.
 // Arguments are those of cuda::experts_forward / experts_backward (backend_ops.inc), already
 // validated. No allocation (workspace sized by the queries), no host synchronisation.
 #pragma once

@@ -1,9 +1,12 @@
 // The dense-masked execution of the atomic experts (OMNIMOE_EXPERTS_PATH=dense) against the CPU
 // backend: bf16 and f16, odd sizes, K = 1 and K = N, experts nobody chose, padded rows,
 // accumulate flags, several chunks of tokens and of experts (OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS,
-// OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS), coefficient rows longer than one shared-memory segment,
-// K beyond the 4096 pairs a fill block takes at once, bitwise repeatability, CUDA graph capture,
-// the T = 0 backward, and the dispatcher's choice and naming of the path; a disabled timing test.
+// OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS, or the path's own 512 MiB budget), coefficient rows longer
+// than one shared-memory segment, K beyond the 4096 pairs a fill block takes at once, the forward
+// by expert chunks (OMNIMOE_EXPERTS_DENSE_FORWARD=experts), the forward's S in fp32 (default) and
+// in the storage dtype (OMNIMOE_EXPERTS_DENSE_SCORES=storage), bitwise repeatability, CUDA graph
+// capture, the T = 0 backward, and the dispatcher's choice and naming of the path; a disabled
+// timing test.
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
@@ -16,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "core/half.h"
 #include "cuda/gemm.h"
 #include "experts_problem.h"
 
@@ -24,6 +28,8 @@ namespace {
 
 constexpr const char* kChunkTokensVar = "OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS";
 constexpr const char* kChunkExpertsVar = "OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS";
+constexpr const char* kForwardVar = "OMNIMOE_EXPERTS_DENSE_FORWARD";
+constexpr const char* kScoresVar = "OMNIMOE_EXPERTS_DENSE_SCORES";
 
 struct DenseCase {
   DType dtype;
@@ -31,7 +37,9 @@ struct DenseCase {
   Activation act;
   bool half_pool;  // only experts [0, max(K, N/2)) chosen
   int64_t pad;     // row padding of x, y, dy, dx, W and dV
-  int64_t chunk;   // cap on tokens and experts per chunk, 0: the path's own choice
+  // Cap on tokens and experts per chunk; 0 and -1: the path's own choice (512 MiB of chunk
+  // matrices), which is one chunk at the sizes of the cases with 0 and several with -1.
+  int64_t chunk;
 };
 
 std::string case_name(const DenseCase& c) {
@@ -41,7 +49,8 @@ std::string case_name(const DenseCase& c) {
                   activation_name(c.act);
   if (c.half_pool) s += "_halfpool";
   if (c.pad) s += "_pad" + std::to_string(c.pad);
-  s += c.chunk ? "_chunk" + std::to_string(c.chunk) : std::string("_onechunk");
+  s += c.chunk > 0 ? "_chunk" + std::to_string(c.chunk)
+                   : std::string(c.chunk == 0 ? "_onechunk" : "_budgetchunks");
   return s;
 }
 
@@ -63,16 +72,49 @@ uint64_t seed_of(const DenseCase& c) {
          static_cast<uint64_t>(c.dtype) * 1000003;
 }
 
-// Forces the dense path and the case's chunk caps (tokens and experts) for the scope.
+// Forces the dense path, the case's chunk caps (tokens and experts), the forward's S type
+// (nullptr: the default, fp32) and the forward by token chunks (unless `forward` says "experts")
+// for the scope.
 struct DenseScope {
   ScopedEnv path;
   ScopedEnv chunk_tokens;
   ScopedEnv chunk_experts;
-  explicit DenseScope(int64_t chunk)
+  ScopedEnv scores_env;
+  ScopedEnv forward_env;
+  explicit DenseScope(int64_t chunk, const char* scores = nullptr, const char* forward = nullptr)
       : path(kExpertsPathVar, "dense"),
-        chunk_tokens(kChunkTokensVar, chunk ? std::to_string(chunk).c_str() : nullptr),
-        chunk_experts(kChunkExpertsVar, chunk ? std::to_string(chunk).c_str() : nullptr) {}
+        chunk_tokens(kChunkTokensVar, chunk > 0 ? std::to_string(chunk).c_str() : nullptr),
+        chunk_experts(kChunkExpertsVar, chunk > 0 ? std::to_string(chunk).c_str() : nullptr),
+        scores_env(kScoresVar, scores),
+        forward_env(kForwardVar, forward) {}
 };
+
+// Byte-for-byte equality of two host tensors (padding excluded).
+void expect_bitwise_equal(const HostTensor& a, const HostTensor& b, const char* what) {
+  ASSERT_EQ(a.numel(), b.numel()) << what;
+  const std::vector<double> va = a.to_vector(), vb = b.to_vector();
+  for (size_t i = 0; i < va.size(); ++i) {
+    ASSERT_TRUE(std::memcmp(&va[i], &vb[i], sizeof(double)) == 0)
+        << what << ": element " << i << " differs between runs: " << va[i] << " vs " << vb[i];
+  }
+}
+
+// preact when the forward's S is in the storage dtype: the fp32 dot rounded once to it. Each
+// element must be exactly representable in the storage dtype (so the knob took effect), and
+// within preact's fp32 tolerance of the CPU's dot widened by that one rounding (half a unit in
+// the last place: 2^-8 of the value for bf16's 8 significant bits, 2^-11 for f16's 11).
+void expect_preact_rounded_close(const ExpertsProblem& P) {
+  const HostTensor got = P.preact.fetch();
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    const auto v = static_cast<float>(got.get(i));
+    const float r = P.dtype == DType::bf16 ? to_float(to_bf16(v)) : to_float(to_f16(v));
+    ASSERT_EQ(r, v) << "preact element " << i << " is not a " << dtype_name(P.dtype) << " value";
+  }
+  Tolerance tol = tolerance_for(DType::f32, P.d);
+  tol.rtol += std::ldexp(1.0, P.dtype == DType::bf16 ? -8 : -11);
+  expect_close(got, P.preact.host, tol, "preact (storage-dtype S)");
+  expect_close(P.y.fetch(), P.y.host, tolerance_for(P.dtype, P.terms(P.K)), "y");
+}
 
 class ExpertsDenseCuda : public ::testing::TestWithParam<DenseCase> {};
 
@@ -93,6 +135,16 @@ TEST_P(ExpertsDenseCuda, ForwardAccumulatesIntoY) {
   DenseScope scope(c.chunk);
   ExpertsProblem P = problem_of(c, seed_of(c));
   P.reset_outputs(true, 2);
+  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(true, e); });
+  P.expect_forward_close();
+}
+
+TEST_P(ExpertsDenseCuda, ForwardByExpertChunksMatchesCpu) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const DenseCase c = GetParam();
+  DenseScope scope(c.chunk, nullptr, "experts");
+  ExpertsProblem P = problem_of(c, seed_of(c));
+  P.reset_outputs(true, 7);
   run_on_cpu_and_cuda([&](const Exec& e) { P.forward(true, e); });
   P.expect_forward_close();
 }
@@ -130,6 +182,8 @@ const auto kRelu = Activation::relu;
 // the expert chunks in fp32 and dW, dV are written once, so many chunks cost no extra rounding.
 // N = 10,240: forward rows of two shared-memory segments (8192 columns each), backward in two
 // expert chunks at least; K = 4100: past the 4096 pairs a fill block takes in one batch.
+// N = 102,400, T = 2000 (the paper's grid): several token chunks from the 512 MiB budget alone
+// (3 of 667 tokens with fp32 S, 2 of 1000 with bf16 S), 4 expert chunks backward.
 std::vector<DenseCase> dense_cases() {
   return {
       {DType::bf16, 257, 37, 19, 23, 7, kSilu, false, 0, 0},
@@ -148,26 +202,87 @@ std::vector<DenseCase> dense_cases() {
       {DType::bf16, 33, 32, 80, 128, 4100, kSilu, false, 0, 0},
       {DType::f16, 40, 48, 80, 128, 300, kGelu, true, 2, 0},
       {DType::bf16, 40, 48, 80, 128, 300, kRelu, false, 0, 4000},
+      {DType::bf16, 2000, 40, 320, 320, 9, kGelu, false, 0, -1},
   };
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, ExpertsDenseCuda, ::testing::ValuesIn(dense_cases()),
                          [](const auto& info) { return case_name(info.param); });
 
-// Byte-for-byte equality of two host tensors (padding excluded).
-void expect_bitwise_equal(const HostTensor& a, const HostTensor& b, const char* what) {
-  ASSERT_EQ(a.numel(), b.numel()) << what;
-  const std::vector<double> va = a.to_vector(), vb = b.to_vector();
-  for (size_t i = 0; i < va.size(); ++i) {
-    ASSERT_TRUE(std::memcmp(&va[i], &vb[i], sizeof(double)) == 0)
-        << what << ": element " << i << " differs between runs: " << va[i] << " vs " << vb[i];
-  }
+// The forward with S in the storage dtype (OMNIMOE_EXPERTS_DENSE_SCORES=storage), by token and by
+// expert chunks, over the same cases: y within its usual tolerance, preact as the fp32 dot
+// rounded once (expect_preact_rounded_close). The backward does not depend on the knob.
+class ExpertsDenseStorageScoresCuda : public ::testing::TestWithParam<DenseCase> {};
+
+TEST_P(ExpertsDenseStorageScoresCuda, ForwardMatchesCpu) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const DenseCase c = GetParam();
+  DenseScope scope(c.chunk, "storage");
+  ExpertsProblem P = problem_of(c, seed_of(c));
+  P.reset_outputs(false, 1);
+  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(false, e); });
+  expect_preact_rounded_close(P);
 }
 
-// Two runs (several chunks) give bitwise identical outputs and gradients.
-TEST(ExpertsDenseCudaDeterminism, bf16_T700_d96_Nr16_Nc16_K24_chunk128_TwoRunsBitwiseIdentical) {
+TEST_P(ExpertsDenseStorageScoresCuda, ForwardAccumulatesIntoY) {
   OMNIMOE_SKIP_WITHOUT_GPU();
-  DenseScope scope(128);
+  const DenseCase c = GetParam();
+  DenseScope scope(c.chunk, "storage");
+  ExpertsProblem P = problem_of(c, seed_of(c));
+  P.reset_outputs(true, 2);
+  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(true, e); });
+  expect_preact_rounded_close(P);
+}
+
+TEST_P(ExpertsDenseStorageScoresCuda, ForwardByExpertChunksMatchesCpu) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const DenseCase c = GetParam();
+  DenseScope scope(c.chunk, "storage", "experts");
+  ExpertsProblem P = problem_of(c, seed_of(c));
+  P.reset_outputs(false, 7);
+  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(false, e); });
+  expect_preact_rounded_close(P);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, ExpertsDenseStorageScoresCuda, ::testing::ValuesIn(dense_cases()),
+                         [](const auto& info) { return case_name(info.param); });
+
+// The knob: unset and "f32" give the same forward bit for bit, with preact values that are not
+// all storage-dtype values; "storage" gives preact values that all are.
+TEST(ExpertsDenseCudaScores, bf16_T257_d37_Nr19_Nc23_K7_chunk64_KnobSelectsScoreDtype) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const DenseCase c{DType::bf16, 257, 37, 19, 23, 7, kSilu, false, 0, 64};
+  ExpertsProblem P = problem_of(c, 13);
+  CudaStream s;
+  const Exec e = cuda_exec(s.get());
+  HostTensor y[3], preact[3];
+  const char* values[3] = {nullptr, "f32", "storage"};
+  for (int v = 0; v < 3; ++v) {
+    DenseScope scope(c.chunk, values[v]);
+    P.reset_outputs(false, 1);
+    P.forward(false, e);
+    s.synchronize();
+    y[v] = P.y.fetch();
+    preact[v] = P.preact.fetch();
+  }
+  expect_bitwise_equal(y[0], y[1], "y (unset vs f32)");
+  expect_bitwise_equal(preact[0], preact[1], "preact (unset vs f32)");
+  auto storage_values = [](const HostTensor& t) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      const auto v = static_cast<float>(t.get(i));
+      n += to_float(to_bf16(v)) == v;
+    }
+    return n;
+  };
+  EXPECT_LT(storage_values(preact[1]), preact[1].numel() / 2) << "f32 S: preact rounded to bf16";
+  EXPECT_EQ(storage_values(preact[2]), preact[2].numel()) << "storage S: preact not bf16 values";
+}
+
+// Two runs (several chunks) give bitwise identical outputs and gradients; `scores` is the
+// forward's S type (nullptr: the default).
+void expect_two_runs_identical(const char* scores) {
+  DenseScope scope(128, scores);
   const DenseCase c{DType::bf16, 700, 96, 16, 16, 24, kSilu, false, 0, 128};
   ExpertsProblem P = problem_of(c, 21);
   CudaStream s;
@@ -187,11 +302,21 @@ TEST(ExpertsDenseCudaDeterminism, bf16_T700_d96_Nr16_Nc16_K24_chunk128_TwoRunsBi
   for (int i = 0; i < 6; ++i) expect_bitwise_equal(out[0][i], out[1][i], names[i]);
 }
 
-// Forward and backward (several chunks) record into a CUDA graph (no host synchronisation, no
-// allocation) and the replay gives the eager results bit for bit.
-TEST(ExpertsDenseCudaGraph, bf16_T257_d64_Nr8_Nc8_K5_chunk100_CapturedAndReplayed) {
+TEST(ExpertsDenseCudaDeterminism, bf16_T700_d96_Nr16_Nc16_K24_chunk128_TwoRunsBitwiseIdentical) {
   OMNIMOE_SKIP_WITHOUT_GPU();
-  DenseScope scope(100);
+  expect_two_runs_identical(nullptr);
+}
+
+TEST(ExpertsDenseCudaDeterminism,
+     bf16_T700_d96_Nr16_Nc16_K24_chunk128_StorageScores_TwoRunsBitwiseIdentical) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_two_runs_identical("storage");
+}
+
+// Forward and backward (several chunks) record into a CUDA graph (no host synchronisation, no
+// allocation) and the replay gives the eager results bit for bit; `scores` as above.
+void expect_graph_replays_eager(const char* scores) {
+  DenseScope scope(100, scores);
   const DenseCase c{DType::bf16, 257, 64, 8, 8, 5, kGelu, false, 0, 100};
   ExpertsProblem P = problem_of(c, 31);
   CudaStream s;
@@ -224,6 +349,16 @@ TEST(ExpertsDenseCudaGraph, bf16_T257_d64_Nr8_Nc8_K5_chunk100_CapturedAndReplaye
   cudaGraphDestroy(graph);
   const char* names[6] = {"y", "preact", "dx", "grads.up", "grads.down", "dgates"};
   for (int i = 0; i < 6; ++i) expect_bitwise_equal(outs[i]->fetch(), eager[i], names[i]);
+}
+
+TEST(ExpertsDenseCudaGraph, bf16_T257_d64_Nr8_Nc8_K5_chunk100_CapturedAndReplayed) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_graph_replays_eager(nullptr);
+}
+
+TEST(ExpertsDenseCudaGraph, bf16_T257_d64_Nr8_Nc8_K5_chunk100_StorageScores_CapturedAndReplayed) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_graph_replays_eager("storage");
 }
 
 // T = 0: backward still overwrites the weight gradients (padded dV rows too), with zeros.
@@ -296,9 +431,9 @@ TEST(ExpertsDenseCudaExecution, ChosenByDensityAndForced) {
 
 // Timing of this path at the paper's dense shapes (bf16, d = 1024, N = 320 x 320, K = 4096,
 // T = 4096 and 1024; uniform routing), forward and backward, beside the cuBLASLt products of
-// the same chunk shapes (what is left is the fill kernels and the fp32 sum of dx). The chunk
-// sizes repeat the path's rule (512 MiB of chunk matrices, backward chunks of at most 8192
-// experts, even chunks). Disabled by default; run with
+// the same chunk shapes (what is left is the fill kernels and the fp32 sum of dx); the forward
+// with S in fp32 and in bf16. The chunk sizes repeat the path's rule (512 MiB of chunk matrices,
+// even chunks). Disabled by default; run with
 //   omnimoe_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='*ExpertsDenseCudaTiming*'
 struct TimedShape {
   int64_t tokens, hidden, grid_rows, grid_cols, top_k;
@@ -362,14 +497,23 @@ void time_dense(const TimedShape& sh) {
   const Schedule sched{d_off.view(), d_order.view()};
 
   ScopedEnv path(kExpertsPathVar, "dense");
+  ScopedEnv by_tokens(kForwardVar, nullptr);
+  ScopedEnv no_token_cap(kChunkTokensVar, nullptr);
+  ScopedEnv no_expert_cap(kChunkExpertsVar, nullptr);
   const int warm = 2, iters = 5;
-  DeviceBuffer fws(experts_forward_workspace_bytes(cfg, T, bf, e));
-  const double fwd_ms = median_ms(
-      [&] {
-        experts_forward(cfg, x.view(), w, d_idx.view(), gates.view(), y.view(), false,
-                        preact.view(), fws.buffer(), e);
-      },
-      warm, iters, stream.get());
+  // The forward with S in fp32 (default) and in bf16 (OMNIMOE_EXPERTS_DENSE_SCORES=storage).
+  const char* scores[2] = {"f32", "storage"};
+  double fwd_ms[2];
+  for (int v = 0; v < 2; ++v) {
+    ScopedEnv knob(kScoresVar, scores[v]);
+    DeviceBuffer fws(experts_forward_workspace_bytes(cfg, T, bf, e));
+    fwd_ms[v] = median_ms(
+        [&] {
+          experts_forward(cfg, x.view(), w, d_idx.view(), gates.view(), y.view(), false,
+                          preact.view(), fws.buffer(), e);
+        },
+        warm, iters, stream.get());
+  }
   DeviceBuffer bws(experts_backward_workspace_bytes(cfg, T, bf, e));
   const double bwd_ms = median_ms(
       [&] {
@@ -378,17 +522,25 @@ void time_dense(const TimedShape& sh) {
       },
       warm, iters, stream.get());
 
-  // The products alone, at the path's chunk shapes.
+  // The products alone, at the path's chunk shapes: `count` even chunks of at most `limit`
+  // items each (the forward's limit from S's bytes per element, 4 or 2, plus A's 2).
   const int64_t budget = int64_t{512} << 20;
+  struct Chunks {
+    int64_t count, size;
+  };
   auto even = [](int64_t items, int64_t limit) {
     const int64_t count = (items + std::min(limit, items) - 1) / std::min(limit, items);
-    return (items + count - 1) / count;
+    return Chunks{count, (items + count - 1) / count};
   };
   const int64_t ldn = (N + 7) / 8 * 8;
-  const int64_t tc = even(T, std::max<int64_t>(1, budget / (ldn * 6)));
-  const int64_t nc = even(N, std::clamp<int64_t>(budget / (T * 10), 1, 8192));
-  DeviceBuffer scratch_f32(static_cast<size_t>(std::max(tc * ldn, T * nc) + T * d) * 4);
-  DeviceBuffer scratch_a(static_cast<size_t>(std::max(tc * ldn, 2 * T * nc)) * 2);
+  const Chunks tc[2] = {even(T, std::max<int64_t>(1, budget / (ldn * 6))),
+                        even(T, std::max<int64_t>(1, budget / (ldn * 4)))};
+  const Chunks nc = even(N, std::max<int64_t>(1, budget / (T * 10)));
+  const int64_t tc_max = std::max(tc[0].size, tc[1].size);
+  // f32 cells of the S outputs (the bf16 one takes half a cell per element).
+  const int64_t f32_cells = std::max({tc[0].size * ldn, (tc[1].size * ldn + 1) / 2, T * nc.size});
+  DeviceBuffer scratch_f32(static_cast<size_t>(f32_cells + T * d) * 4);
+  DeviceBuffer scratch_a(static_cast<size_t>(std::max(tc_max * ldn, 2 * T * nc.size)) * 2);
   DeviceBuffer scratch_x2(static_cast<size_t>(2 * T * d) * 2),
       gemm_ws(cuda::gemm_workspace_bytes());
   OMNIMOE_TEST_CUDA_CHECK(cudaMemset(scratch_a.data(), 0x3c, scratch_a.bytes()));
@@ -407,32 +559,40 @@ void time_dense(const TimedShape& sh) {
                      iters, stream.get());
   };
   float* f32 = static_cast<float*>(scratch_f32.data());
-  float* f32_sum = f32 + std::max(tc * ldn, T * nc);
+  float* f32_sum = f32 + f32_cells;
   void* av = scratch_a.data();
-  const double n_tc = static_cast<double>(T) / static_cast<double>(tc);
-  const double n_cb = static_cast<double>(N) / static_cast<double>(nc);
-  const double f_s = gemm_ms(rows(x.view(), tc), false, w.up, true, mat(f32, DType::f32, tc, N), 0);
-  const double f_y = gemm_ms(mat(av, bf, tc, N), false, w.down, false, rows(y.view(), tc), 0);
-  const double b_s =
-      gemm_ms(dy.view(), false, rows(w.down, nc), true, mat(f32, DType::f32, T, nc), 0);
-  const double b_dx =
-      gemm_ms(mat(av, bf, T, nc), false, rows(w.up, nc), false, mat(f32_sum, DType::f32, T, d), 1);
-  const double b_dw = gemm_ms(mat(av, bf, 2 * T, nc), true, mat(scratch_x2.data(), bf, 2 * T, d),
-                              false, rows(g.up, nc), 0);
-  const double b_dv = gemm_ms(mat(av, bf, T, nc), true, dy.view(), false, rows(g.down, nc), 0);
   const double flop =
       2.0 * static_cast<double>(T) * static_cast<double>(N) * static_cast<double>(d);
-  const double f_g = n_tc * (f_s + f_y), b_g = n_cb * (b_s + b_dx + b_dw + b_dv);
+  std::printf("dense T=%lld d=%lld N=%lld K=%lld bf16 | one product 2TNd = %.0f GFLOP\n",
+              static_cast<long long>(T), static_cast<long long>(d), static_cast<long long>(N),
+              static_cast<long long>(K), flop / 1e9);
+  for (int v = 0; v < 2; ++v) {
+    const int64_t rc = tc[v].size;
+    const DType s_type = v == 0 ? DType::f32 : bf;
+    const double f_s = gemm_ms(rows(x.view(), rc), false, w.up, true, mat(f32, s_type, rc, N), 0);
+    const double f_y = gemm_ms(mat(av, bf, rc, N), false, w.down, false, rows(y.view(), rc), 0);
+    const double f_g = static_cast<double>(tc[v].count) * (f_s + f_y);
+    std::printf(
+        "  forward, S in %-4s (Tc=%lld): %.3f ms; GEMMs %.3f ms (S %.3f [%.0f TFLOP/s] + AV %.3f "
+        "per chunk, %lld chunks) -> rest %.3f ms\n",
+        v == 0 ? "f32" : "bf16", static_cast<long long>(rc), fwd_ms[v], f_g, f_s,
+        flop * static_cast<double>(rc) / static_cast<double>(T) / (f_s * 1e9), f_y,
+        static_cast<long long>(tc[v].count), fwd_ms[v] - f_g);
+  }
+  const int64_t cb = nc.size;
+  const double b_s =
+      gemm_ms(dy.view(), false, rows(w.down, cb), true, mat(f32, DType::f32, T, cb), 0);
+  const double b_dx =
+      gemm_ms(mat(av, bf, T, cb), false, rows(w.up, cb), false, mat(f32_sum, DType::f32, T, d), 1);
+  const double b_dw = gemm_ms(mat(av, bf, 2 * T, cb), true, mat(scratch_x2.data(), bf, 2 * T, d),
+                              false, rows(g.up, cb), 0);
+  const double b_dv = gemm_ms(mat(av, bf, T, cb), true, dy.view(), false, rows(g.down, cb), 0);
+  const double b_g = static_cast<double>(nc.count) * (b_s + b_dx + b_dw + b_dv);
   std::printf(
-      "dense T=%lld d=%lld N=%lld K=%lld bf16 | one product 2TNd = %.0f GFLOP\n"
-      "  forward  (Tc=%lld): %.3f ms; GEMMs %.3f ms (S %.3f + AV %.3f per chunk, %.2f chunks) -> "
-      "rest %.3f ms\n"
       "  backward (Nc=%lld): %.3f ms; GEMMs %.3f ms (S %.3f + dx %.3f + dW %.3f + dV %.3f per "
-      "chunk, %.2f chunks) -> rest %.3f ms\n",
-      static_cast<long long>(T), static_cast<long long>(d), static_cast<long long>(N),
-      static_cast<long long>(K), flop / 1e9, static_cast<long long>(tc), fwd_ms, f_g, f_s, f_y,
-      n_tc, fwd_ms - f_g, static_cast<long long>(nc), bwd_ms, b_g, b_s, b_dx, b_dw, b_dv, n_cb,
-      bwd_ms - b_g);
+      "chunk, %lld chunks) -> rest %.3f ms\n",
+      static_cast<long long>(cb), bwd_ms, b_g, b_s, b_dx, b_dw, b_dv,
+      static_cast<long long>(nc.count), bwd_ms - b_g);
 }
 
 TEST(ExpertsDenseCudaTiming, DISABLED_bf16_paper_k4096) {
