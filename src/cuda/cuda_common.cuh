@@ -35,6 +35,17 @@ namespace omnimoe::cuda {
 
 inline cudaStream_t stream_of(const Exec& exec) { return static_cast<cudaStream_t>(exec.stream); }
 
+// L2 size of CUDA device `device` in bytes (0 when it cannot be read); cached per device.
+int64_t l2_bytes(int device);
+
+// Rows [r0, r0 + rows) of a 2-D view.
+inline TensorView rows_of(const TensorView& v, int64_t r0, int64_t rows) {
+  TensorView r = v;
+  r.data = static_cast<char*>(v.data) + r0 * v.strides[0] * static_cast<int64_t>(dtype_size(v.dtype));
+  r.shape[0] = rows;
+  return r;
+}
+
 // Makes exec.device current for the scope of an op, restoring the caller's device after.
 class DeviceGuard {
  public:

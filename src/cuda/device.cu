@@ -1,3 +1,6 @@
+#include <map>
+#include <mutex>
+
 #include "cuda/cuda_common.cuh"
 
 namespace omnimoe {
@@ -12,3 +15,21 @@ bool cuda_available() {
 }
 
 }  // namespace omnimoe
+
+namespace omnimoe::cuda {
+
+int64_t l2_bytes(int device) {
+  static std::mutex mutex;
+  static std::map<int, int64_t> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = known.find(device); it != known.end()) return it->second;
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
+    cudaGetLastError();
+    bytes = 0;
+  }
+  known.emplace(device, bytes);
+  return bytes;
+}
+
+}  // namespace omnimoe::cuda

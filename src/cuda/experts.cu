@@ -44,15 +44,14 @@ constexpr double kDenseMinDensity = 0.02;
 // measured; 2 leaves room for the GEMMs' low efficiency on few token rows).
 constexpr double kDenseMinTokensPerExpert = 2.0;
 
-// L2 size of the current device (0 when it cannot be read).
-int64_t l2_bytes() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
+// The device the choice is made for: the current one (the workspace queries take no Exec).
+int current_device() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
-  return bytes;
+  return device;
 }
 
 ExpertsPath choose_path(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction dir) {
@@ -78,7 +77,9 @@ ExpertsPath choose_path(const LayerConfig& cfg, int64_t tokens, DType dtype, Dir
   // an L2 hit: gather ran 0.096 ms forward there against 0.32 ms tiled (H100, bf16).
   const double table_bytes = 2.0 * static_cast<double>(cfg.num_experts()) *
                              static_cast<double>(cfg.hidden) * static_cast<double>(dtype_size(dtype));
-  if (table_bytes * 2.0 <= static_cast<double>(l2_bytes())) return ExpertsPath::gather;
+  if (table_bytes * 2.0 <= static_cast<double>(l2_bytes(current_device()))) {
+    return ExpertsPath::gather;
+  }
   const double tokens_per_expert =
       static_cast<double>(tokens) * static_cast<double>(cfg.top_k) /
       static_cast<double>(cfg.num_experts());
