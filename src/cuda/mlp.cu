@@ -1,7 +1,5 @@
 // CUDA shared SwiGLU MLP: the projections are cuBLASLt GEMMs (gemm.h); the activation and its
-// gradient are one vectorised elementwise kernel each, fp32 math (fp64 for f64 storage). The
-// input products and the activation pass run by chunks of tokens small enough that the
-// activation reads the products back from L2 (chunk_tokens; one chunk when T x I is small).
+// gradient are one vectorised elementwise kernel each, fp32 math (fp64 for f64 storage).
 //
 // Workspace (each region 256-byte aligned):
 //   forward:  h [T, I]                     | cuBLASLt workspace
@@ -9,7 +7,6 @@
 // Later: when W_gate and W_up are adjacent in memory (one [2I, d] tensor), the two input GEMMs
 // of forward and the two dx GEMMs of backward could each run as one.
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "backend/backend.h"
@@ -183,24 +180,6 @@ void swiglu_backward(DType dtype, const void* g, const void* u, const void* dh, 
   OMNIMOE_CUDA_CHECK_LAUNCH("swiglu_backward_kernel");
 }
 
-// Tokens per chunk of the activation passes: as many as keep their two [rows, I] inputs within
-// half the L2 (a multiple of 128 rows), or all of them when they fit anyway.
-// OMNIMOE_MLP_CHUNK_TOKENS=n sets it (tests and timings; 0 or unset: the L2 rule).
-int64_t chunk_tokens(const LayerConfig& cfg, int64_t tokens, DType dtype, const Exec& exec) {
-  int64_t chunk = tokens;
-  const int64_t row_bytes = 2 * cfg.intermediate * static_cast<int64_t>(dtype_size(dtype));
-  const int64_t budget = static_cast<int64_t>(l2_bytes(exec.device.index)) / 2;
-  if (row_bytes > 0 && tokens * row_bytes > budget) {
-    chunk = std::max<int64_t>(128, budget / row_bytes / 128 * 128);
-  }
-  if (const char* v = std::getenv("OMNIMOE_MLP_CHUNK_TOKENS"); v && *v) {
-    const int64_t n = std::atoll(v);
-    OMNIMOE_CHECK(n >= 0, "OMNIMOE_MLP_CHUNK_TOKENS is ", v, " (expected a count >= 0)");
-    if (n > 0) chunk = n;
-  }
-  return std::max<int64_t>(chunk, 1);
-}
-
 }  // namespace
 
 size_t mlp_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype) {
@@ -222,15 +201,9 @@ void forward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights&
                                           x.dtype, tokens, I, I, exec.device);
   const Buffer gemm_ws = carve.rest();
 
-  // By chunks of tokens whose projections fit in L2, so the activation reads them from there.
-  const int64_t chunk = chunk_tokens(cfg, tokens, x.dtype, exec);
-  for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
-    const int64_t rows = std::min(chunk, tokens - t0);
-    const TensorView g = rows_of(saved.gate_pre, t0, rows), u = rows_of(saved.up_pre, t0, rows);
-    gemm(rows_of(x, t0, rows), false, weights.gate, true, g, 1.0f, 0.0f, gemm_ws, exec);
-    gemm(rows_of(x, t0, rows), false, weights.up, true, u, 1.0f, 0.0f, gemm_ws, exec);
-    swiglu_forward(x.dtype, g.data, u.data, rows_of(h, t0, rows).data, rows * I, stream);
-  }
+  gemm(x, false, weights.gate, true, saved.gate_pre, 1.0f, 0.0f, gemm_ws, exec);
+  gemm(x, false, weights.up, true, saved.up_pre, 1.0f, 0.0f, gemm_ws, exec);
+  swiglu_forward(x.dtype, saved.gate_pre.data, saved.up_pre.data, h.data, tokens * I, stream);
   if (addend) {
     (*join)();
     gemm(h, false, weights.down, true, *addend, y, 1.0f, 1.0f, gemm_ws, exec);
@@ -279,18 +252,10 @@ void backward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights
   const TensorView& d_up = dh;
   const Buffer gemm_ws = carve.rest();
 
-  // dh = dy W_down and the activation's gradient by chunks of tokens, as in forward (dh is read
-  // back from L2). With T = 0 the weight-gradient GEMMs have k = 0 and write zeros.
-  const int64_t chunk = chunk_tokens(cfg, tokens, dt, exec);
-  for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
-    const int64_t rows = std::min(chunk, tokens - t0);
-    const TensorView dh_c = rows_of(dh, t0, rows);
-    gemm(rows_of(dy, t0, rows), false, weights.down, false, dh_c, 1.0f, 0.0f, gemm_ws, exec);
-    swiglu_backward(dt, rows_of(saved.gate_pre, t0, rows).data,
-                    rows_of(saved.up_pre, t0, rows).data, dh_c.data, rows_of(h, t0, rows).data,
-                    rows_of(d_gate, t0, rows).data, rows_of(d_up, t0, rows).data, rows * I,
-                    stream);
-  }
+  // With T = 0 the weight-gradient GEMMs have k = 0 and write zeros.
+  gemm(dy, false, weights.down, false, dh, 1.0f, 0.0f, gemm_ws, exec);  // [T, I] = dy W_down
+  swiglu_backward(dt, saved.gate_pre.data, saved.up_pre.data, dh.data, h.data, d_gate.data,
+                  d_up.data, tokens * I, stream);
   gemm(dy, true, h, false, grads.down, 1.0f, 0.0f, gemm_ws, exec);      // [d, I] = dy^T h
   gemm(d_gate, true, x, false, grads.gate, 1.0f, 0.0f, gemm_ws, exec);  // [I, d]
   gemm(d_up, true, x, false, grads.up, 1.0f, 0.0f, gemm_ws, exec);

@@ -5,7 +5,6 @@
 #include <string>
 
 #include "cuda_test_support.h"
-#include "experts_problem.h"  // ScopedEnv
 
 namespace omnimoe::test {
 namespace {
@@ -15,7 +14,6 @@ struct MlpCase {
   int64_t tokens, hidden, inter;
   int64_t padding;  // extra elements per row of x, y, dy, dx, weights and grads
   bool accumulate;  // y (forward) and dx (backward) are added to
-  const char* chunk_tokens = nullptr;  // OMNIMOE_MLP_CHUNK_TOKENS: the activation passes' chunks
 };
 
 std::string case_name(const MlpCase& c) {
@@ -23,7 +21,6 @@ std::string case_name(const MlpCase& c) {
                   std::to_string(c.hidden) + "_I" + std::to_string(c.inter);
   if (c.padding) s += "_pad" + std::to_string(c.padding);
   if (c.accumulate) s += "_accumulate";
-  if (c.chunk_tokens) s += std::string("_chunks") + c.chunk_tokens;
   return s;
 }
 
@@ -52,7 +49,6 @@ class MlpCuda : public ::testing::TestWithParam<MlpCase> {};
 TEST_P(MlpCuda, ForwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const MlpCase c = GetParam();
-  ScopedEnv chunks("OMNIMOE_MLP_CHUNK_TOKENS", c.chunk_tokens);
   const LayerConfig cfg = config_for(c);
   const DType dt = c.dtype;
   MirroredTensor x(make_random(dt, {c.tokens, c.hidden}, 1, c.padding));
@@ -77,7 +73,6 @@ TEST_P(MlpCuda, ForwardMatchesCpu) {
 TEST_P(MlpCuda, BackwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const MlpCase c = GetParam();
-  ScopedEnv chunks("OMNIMOE_MLP_CHUNK_TOKENS", c.chunk_tokens);
   const LayerConfig cfg = config_for(c);
   const DType dt = c.dtype;
   MirroredTensor x(make_random(dt, {c.tokens, c.hidden}, 1, c.padding));
@@ -121,11 +116,6 @@ std::vector<MlpCase> mlp_cases() {
   cases.push_back({DType::bf16, 520, 256, 1024, 0, false});
   cases.push_back({DType::f16, 257, 64, 136, 8, true});
   cases.push_back({DType::bf16, 1, 64, 200, 8, false});
-  // The activation passes by chunks of tokens (L2-sized at full scale): a short last chunk,
-  // unaligned rows, padding.
-  cases.push_back({DType::bf16, 300, 128, 256, 0, true, "128"});
-  cases.push_back({DType::f16, 257, 64, 136, 8, false, "100"});
-  cases.push_back({DType::f32, 257, 37, 53, 3, true, "64"});
   return cases;
 }
 
