@@ -8,7 +8,7 @@
 // g * s * act'(preact) (as high and low storage-dtype parts: their sum keeps ~16 mantissa bits)
 // and G = g * h; dx += DA_high W_c (fp32 over chunks, rounded once), dW_c = [DA_high; DA_low]^T
 // [X; X] (one product, the inner dimension doubled) and dV_c = G^T dY, each written once.
-// Chunk matrices take at most ~512 MiB. Deterministic (fixed GEMM configurations, chunks in
+// Chunk matrices take at most ~640 MiB. Deterministic (fixed GEMM configurations, chunks in
 // order, no atomics). Assumes distinct experts per token (what the router returns).
 // bf16 and f16 only: f32 storage would need FP32 GEMMs (no TF32: the CPU is the oracle) at about
 // 1/15 of the bf16 rate, where the gather path wins.

@@ -1,7 +1,7 @@
 // The dense-masked execution of the atomic experts (OMNIMOE_EXPERTS_PATH=dense) against the CPU
 // backend: bf16 and f16, odd sizes, K = 1 and K = N, experts nobody chose, padded rows,
 // accumulate flags, several chunks of tokens and of experts (OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS,
-// OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS, or the path's own 512 MiB budget), coefficient rows longer
+// OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS, or the path's own 640 MiB budget), coefficient rows longer
 // than one shared-memory segment, K beyond the 4096 pairs a fill block takes at once, the forward
 // by expert chunks (OMNIMOE_EXPERTS_DENSE_FORWARD=experts), the forward's S in fp32 (default) and
 // in the storage dtype (OMNIMOE_EXPERTS_DENSE_SCORES=storage), bitwise repeatability, CUDA graph
@@ -37,7 +37,7 @@ struct DenseCase {
   Activation act;
   bool half_pool;  // only experts [0, max(K, N/2)) chosen
   int64_t pad;     // row padding of x, y, dy, dx, W and dV
-  // Cap on tokens and experts per chunk; 0 and -1: the path's own choice (512 MiB of chunk
+  // Cap on tokens and experts per chunk; 0 and -1: the path's own choice (640 MiB of chunk
   // matrices), which is one chunk at the sizes of the cases with 0 and several with -1.
   int64_t chunk;
 };
@@ -182,8 +182,8 @@ const auto kRelu = Activation::relu;
 // the expert chunks in fp32 and dW, dV are written once, so many chunks cost no extra rounding.
 // N = 10,240: forward rows of two shared-memory segments (8192 columns each), backward in two
 // expert chunks at least; K = 4100: past the 4096 pairs a fill block takes in one batch.
-// N = 102,400, T = 2000 (the paper's grid): several token chunks from the 512 MiB budget alone
-// (3 of 667 tokens with fp32 S, 2 of 1000 with bf16 S), 4 expert chunks backward.
+// N = 102,400, T = 2000 (the paper's grid): several token chunks from the 640 MiB budget alone
+// (2 of 1000 tokens with fp32 S or bf16 S), 4 expert chunks backward.
 std::vector<DenseCase> dense_cases() {
   return {
       {DType::bf16, 257, 37, 19, 23, 7, kSilu, false, 0, 0},
@@ -432,7 +432,7 @@ TEST(ExpertsDenseCudaExecution, ChosenByDensityAndForced) {
 // Timing of this path at the paper's dense shapes (bf16, d = 1024, N = 320 x 320, K = 4096,
 // T = 4096 and 1024; uniform routing), forward and backward, beside the cuBLASLt products of
 // the same chunk shapes (what is left is the fill kernels and the fp32 sum of dx); the forward
-// with S in fp32 and in bf16. The chunk sizes repeat the path's rule (512 MiB of chunk matrices,
+// with S in fp32 and in bf16. The chunk sizes repeat the path's rule (640 MiB of chunk matrices,
 // even chunks). Disabled by default; run with
 //   omnimoe_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='*ExpertsDenseCudaTiming*'
 struct TimedShape {
@@ -524,7 +524,7 @@ void time_dense(const TimedShape& sh) {
 
   // The products alone, at the path's chunk shapes: `count` even chunks of at most `limit`
   // items each (the forward's limit from S's bytes per element, 4 or 2, plus A's 2).
-  const int64_t budget = int64_t{512} << 20;
+  const int64_t budget = int64_t{640} << 20;
   struct Chunks {
     int64_t count, size;
   };
