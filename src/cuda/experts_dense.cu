@@ -73,6 +73,20 @@ struct Chunking {
   int64_t size, count, rows, ld;
 };
 
+// Cuts `total` rows (tokens) or columns (experts) into `count` even chunks of at most `cap`.
+// Chunks are multiples of 256 where the cap allows: a chunk size is an inner dimension of some
+// product, and cuBLASLt runs odd ones several times slower (7 backward chunks of 14,629 experts
+// took 22 ms against 8.0 for 8 of 12,800, H100).
+void cut(int64_t total, int64_t cap, Chunking& c) {
+  constexpr int64_t kQuantum = 256;
+  c.count = ceil_div(total, std::min(cap, total));
+  c.size = ceil_div(total, c.count);
+  if (c.count == 1 || cap < kQuantum) return;
+  c.size = ceil_div(c.size, kQuantum) * kQuantum;
+  while (c.size > cap) c.size = ceil_div(ceil_div(total, ++c.count), kQuantum) * kQuantum;
+  c.count = ceil_div(total, c.size);
+}
+
 Chunking chunking(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction dir) {
   const int64_t n = cfg.num_experts();
   const auto es = static_cast<int64_t>(dtype_size(dtype));
@@ -83,8 +97,7 @@ Chunking chunking(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction
   if (!c.by_experts) {  // [Tc, N] S and A
     int64_t tc = std::max<int64_t>(1, kChunkBudgetBytes / (padded(n) * (sb + es)));
     if (const int64_t cap = env_cap("OMNIMOE_EXPERTS_DENSE_CHUNK_TOKENS")) tc = std::min(tc, cap);
-    c.count = ceil_div(t, std::min(tc, t));
-    c.size = ceil_div(t, c.count);  // even chunks: no narrow last product
+    cut(t, tc, c);  // even chunks: no narrow last product
     c.rows = c.size;
     c.ld = padded(n);
     return c;
@@ -93,9 +106,7 @@ Chunking chunking(const LayerConfig& cfg, int64_t tokens, DType dtype, Direction
   const int64_t col_bytes = t * (dir == Direction::forward ? sb + es : 4 + 3 * es);
   int64_t nc = std::max<int64_t>(1, kChunkBudgetBytes / col_bytes);
   if (const int64_t cap = env_cap("OMNIMOE_EXPERTS_DENSE_CHUNK_EXPERTS")) nc = std::min(nc, cap);
-  nc = std::min(nc, n);
-  c.count = ceil_div(n, nc);
-  c.size = ceil_div(n, c.count);  // even chunks
+  cut(n, std::min(nc, n), c);
   c.rows = t;
   c.ld = padded(c.size);
   return c;

@@ -14,7 +14,7 @@ namespace {
 // all of them before the first use (one pass over memory, many loads in flight), then the
 // kTileRows threads of a column are summed in order through shared memory. Chunks along grid x
 // (any number of tokens), column tiles along grid y.
-constexpr int kChunk = 64;  // 128 CTAs at T = 4096 and N_r = N_c = 64 (a wave on an H100)
+constexpr int kChunk = 128;
 constexpr int kTileLanes = 32;
 constexpr int kTileRows = 8;
 constexpr int kRowsPerThread = kChunk / kTileRows;
