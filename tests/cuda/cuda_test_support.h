@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -245,6 +246,16 @@ inline void expect_close(const HostTensor& got, const HostTensor& want, Toleranc
   ASSERT_EQ(got.shape(), want.shape()) << name << ": shapes differ";
   const Comparison c = compare(got.to_vector(), want.to_vector(), tol);
   EXPECT_LE(c.worst_ratio, 1.0) << name << ": " << c.describe();
+}
+
+// Byte-for-byte equality of two host tensors (padding excluded): repeatability checks.
+inline void expect_bitwise_equal(const HostTensor& a, const HostTensor& b, const char* what) {
+  ASSERT_EQ(a.numel(), b.numel()) << what;
+  const std::vector<double> va = a.to_vector(), vb = b.to_vector();
+  for (size_t i = 0; i < va.size(); ++i) {
+    ASSERT_TRUE(std::memcmp(&va[i], &vb[i], sizeof(double)) == 0)
+        << what << ": element " << i << " differs between runs: " << va[i] << " vs " << vb[i];
+  }
 }
 
 }  // namespace omnimoe::test

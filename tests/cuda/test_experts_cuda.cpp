@@ -211,16 +211,6 @@ TEST(ExpertsCudaEdge, NoTokensBackwardZeroesWeightGrads) {
   for (int64_t i = 0; i < ddown.numel(); ++i) ASSERT_EQ(ddown.get(i), 0.0) << "dV element " << i;
 }
 
-// Byte-for-byte equality of two host tensors (padding excluded).
-void expect_bitwise_equal(const HostTensor& a, const HostTensor& b, const char* what) {
-  ASSERT_EQ(a.numel(), b.numel()) << what;
-  const std::vector<double> va = a.to_vector(), vb = b.to_vector();
-  for (size_t i = 0; i < va.size(); ++i) {
-    ASSERT_TRUE(std::memcmp(&va[i], &vb[i], sizeof(double)) == 0)
-        << what << ": element " << i << " differs between runs: " << va[i] << " vs " << vb[i];
-  }
-}
-
 struct DeterminismCase {
   DType dtype;
   int64_t tokens, hidden, grid_rows, grid_cols, top_k;

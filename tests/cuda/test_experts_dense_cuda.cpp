@@ -89,16 +89,6 @@ struct DenseScope {
         forward_env(kForwardVar, forward) {}
 };
 
-// Byte-for-byte equality of two host tensors (padding excluded).
-void expect_bitwise_equal(const HostTensor& a, const HostTensor& b, const char* what) {
-  ASSERT_EQ(a.numel(), b.numel()) << what;
-  const std::vector<double> va = a.to_vector(), vb = b.to_vector();
-  for (size_t i = 0; i < va.size(); ++i) {
-    ASSERT_TRUE(std::memcmp(&va[i], &vb[i], sizeof(double)) == 0)
-        << what << ": element " << i << " differs between runs: " << va[i] << " vs " << vb[i];
-  }
-}
-
 // preact when the forward's S is in the storage dtype: the fp32 dot rounded once to it. Each
 // element must be exactly representable in the storage dtype (so the knob took effect), and
 // within preact's fp32 tolerance of the CPU's dot widened by that one rounding (half a unit in

@@ -208,16 +208,6 @@ TEST(ExpertsTiledCudaSupport, TensorCoreDtypesOnly) {
   EXPECT_FALSE(cuda::experts_tiled_supports(cfg, 512, DType::f64));
 }
 
-// Byte equality of two host tensors' logical elements.
-void expect_bitwise_equal(const HostTensor& a, const HostTensor& b, const char* what) {
-  ASSERT_EQ(a.numel(), b.numel()) << what;
-  const std::vector<double> va = a.to_vector(), vb = b.to_vector();
-  for (size_t i = 0; i < va.size(); ++i) {
-    ASSERT_TRUE(std::memcmp(&va[i], &vb[i], sizeof(double)) == 0)
-        << what << ": element " << i << " differs between runs: " << va[i] << " vs " << vb[i];
-  }
-}
-
 // Deterministic mode: two runs (outputs poisoned before each) are bitwise identical.
 TEST(ExpertsTiledCudaDeterminism, bf16_T1024_d256_Nr32_Nc32_K128_TwoRunsBitwiseIdentical) {
   OMNIMOE_SKIP_WITHOUT_GPU();

@@ -337,13 +337,9 @@ TEST_P(LayerCuda, GraphReplayMatchesEagerBitwise) {
     const std::vector<HostTensor> got = dev.outputs();
     ASSERT_EQ(got.size(), eager.size());
     for (size_t i = 0; i < got.size(); ++i) {
-      ASSERT_EQ(got[i].bytes(), eager[i].bytes());
-      const std::vector<double> a = got[i].to_vector(), b = eager[i].to_vector();
-      for (size_t j = 0; j < a.size(); ++j) {
-        ASSERT_TRUE(std::memcmp(&a[j], &b[j], sizeof(double)) == 0)
-            << "replay " << replay << ", output " << i << " element " << j << ": " << a[j]
-            << " vs eager " << b[j];
-      }
+      const std::string what =
+          "replay " + std::to_string(replay) + " against eager, output " + std::to_string(i);
+      expect_bitwise_equal(got[i], eager[i], what.c_str());
     }
     // The saved routing (indices, gates) too.
     std::vector<uint8_t> saved = dev.saved_bytes();
