@@ -11,7 +11,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <numeric>
 #include <random>
 #include <string>
@@ -238,27 +237,6 @@ TEST(ExpertsTiledCudaDeterminism, bf16_T1024_d256_Nr32_Nc32_K128_TwoRunsBitwiseI
 // Routing: the CUDA router's selection (router_select_topk) on log-softmax of N(0, 1) logits
 // (what batch-normalised logits are over random inputs), schedule by schedule_build.
 
-double median_ms(const std::function<void()>& fn, cudaStream_t stream, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t start, stop;
-  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&start));
-  OMNIMOE_TEST_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(start, stream));
-    fn();
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventRecord(stop, stream));
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    OMNIMOE_TEST_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
-
 // Device memory filled with random bf16 in +-bound (a 16 MB block repeated).
 DeviceBuffer random_bf16(int64_t n, uint64_t seed, double bound) {
   DeviceBuffer b(static_cast<size_t>(n) * 2);
@@ -281,7 +259,7 @@ double gemm_tflops(int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
   const TensorView vc = TensorView::contiguous(c.data(), DType::bf16, {m, n}, dev);
   const Exec e = cuda_exec(stream);
   const double ms = median_ms(
-      [&] { cuda::gemm(va, false, vb, true, vc, 1.0f, 0.0f, ws.buffer(), e); }, stream, 3, 10);
+      [&] { cuda::gemm(va, false, vb, true, vc, 1.0f, 0.0f, ws.buffer(), e); }, 3, 10, stream);
   return 2.0 * m * n * k / (ms * 1e-3) / 1e12;
 }
 
@@ -417,13 +395,13 @@ void time_shape(const Shape& s, double copy, double gemm_rate) {
             experts_forward(cfg, x.view(), w, idx.view(), gates.view(), y.view(), false,
                             preact.view(), fw.buffer(), ex);
           },
-          stream.get(), 2, r);
+          2, r, stream.get());
       const double b_ms = median_ms(
           [&] {
             experts_backward(cfg, x.view(), w, idx.view(), gates.view(), preact.view(), sched,
                              dy.view(), dx.view(), false, g, dgates.view(), bw.buffer(), ex);
           },
-          stream.get(), 2, r);
+          2, r, stream.get());
       std::printf("  %-6s %-13s fwd %8.3f ms (%6.1f TFLOP/s useful, %5.2fx floor) | bwd %8.3f ms "
                   "(%6.1f TFLOP/s) | fwd+bwd %8.3f ms\n",
                   path, deterministic ? "deterministic" : "fp32-atomics", f_ms,
@@ -466,7 +444,7 @@ TEST(ExpertsTiledCudaTiming, DISABLED_paper_shapes) {
           OMNIMOE_TEST_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes,
                                                   cudaMemcpyDeviceToDevice, stream.get()));
         },
-        stream.get(), 2, 10);
+        2, 10, stream.get());
     copy = 2.0 * bytes / (ms * 1e-3) / 1e9;
   }
   const double gemm8k = gemm_tflops(8192, 8192, 8192, stream.get());
