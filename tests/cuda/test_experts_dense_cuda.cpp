@@ -106,16 +106,23 @@ void expect_preact_rounded_close(const ExpertsProblem& P) {
   expect_close(P.y.fetch(), P.y.host, tolerance_for(P.dtype, P.terms(P.K)), "y");
 }
 
+// Case c's forward on the CPU and on CUDA (under the knobs of the caller's DenseScope), y reset
+// from `seed` first: poisoned, or random when the forward adds to it.
+ExpertsProblem forward_on_both(const DenseCase& c, bool accumulate, uint64_t seed) {
+  ExpertsProblem P = problem_of(c, seed_of(c));
+  P.reset_outputs(accumulate, seed);
+  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(accumulate, e); });
+  return P;
+}
+
 class ExpertsDenseCuda : public ::testing::TestWithParam<DenseCase> {};
 
 TEST_P(ExpertsDenseCuda, ForwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk);
-  ExpertsProblem P = problem_of(c, seed_of(c));
+  ExpertsProblem P = forward_on_both(c, false, 1);
   ASSERT_STREQ(experts_execution(P.cfg, P.T, P.dtype, cuda_exec(nullptr)), "dense");
-  P.reset_outputs(false, 1);
-  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(false, e); });
   P.expect_forward_close();
 }
 
@@ -123,9 +130,7 @@ TEST_P(ExpertsDenseCuda, ForwardAccumulatesIntoY) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk);
-  ExpertsProblem P = problem_of(c, seed_of(c));
-  P.reset_outputs(true, 2);
-  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(true, e); });
+  ExpertsProblem P = forward_on_both(c, true, 2);
   P.expect_forward_close();
 }
 
@@ -133,9 +138,7 @@ TEST_P(ExpertsDenseCuda, ForwardByExpertChunksMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk, nullptr, "experts");
-  ExpertsProblem P = problem_of(c, seed_of(c));
-  P.reset_outputs(true, 7);
-  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(true, e); });
+  ExpertsProblem P = forward_on_both(c, true, 7);
   P.expect_forward_close();
 }
 
@@ -208,9 +211,7 @@ TEST_P(ExpertsDenseStorageScoresCuda, ForwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk, "storage");
-  ExpertsProblem P = problem_of(c, seed_of(c));
-  P.reset_outputs(false, 1);
-  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(false, e); });
+  ExpertsProblem P = forward_on_both(c, false, 1);
   expect_preact_rounded_close(P);
 }
 
@@ -218,9 +219,7 @@ TEST_P(ExpertsDenseStorageScoresCuda, ForwardAccumulatesIntoY) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk, "storage");
-  ExpertsProblem P = problem_of(c, seed_of(c));
-  P.reset_outputs(true, 2);
-  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(true, e); });
+  ExpertsProblem P = forward_on_both(c, true, 2);
   expect_preact_rounded_close(P);
 }
 
@@ -228,9 +227,7 @@ TEST_P(ExpertsDenseStorageScoresCuda, ForwardByExpertChunksMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const DenseCase c = GetParam();
   DenseScope scope(c.chunk, "storage", "experts");
-  ExpertsProblem P = problem_of(c, seed_of(c));
-  P.reset_outputs(false, 7);
-  run_on_cpu_and_cuda([&](const Exec& e) { P.forward(false, e); });
+  ExpertsProblem P = forward_on_both(c, false, 7);
   expect_preact_rounded_close(P);
 }
 
