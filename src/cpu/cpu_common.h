@@ -42,6 +42,17 @@ inline int thread_count(const Exec& exec) {
   return exec.num_threads > 0 ? exec.num_threads : omp_get_max_threads();
 }
 
+// Throws Error naming `op` and `arg` at the first id of the [pairs / top_k, top_k] matrix `ids`
+// outside [0, n): used as a row index it would read or write out of bounds. Called before
+// anything is written.
+inline void check_expert_ids(const char* op, const char* arg, const int32_t* ids, int64_t pairs,
+                             int64_t top_k, int64_t n) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    OMNIMOE_CHECK(ids[p] >= 0 && ids[p] < n, op, ": ", arg, " must hold expert ids in [0, ", n,
+                  "), got ", ids[p], " at [", p / top_k, ", ", p % top_k, "]");
+  }
+}
+
 // dst += src for [T, d] views of one storage dtype with any row strides; float math (double for
 // f64), one rounding (elementwise.cpp): the join of the layer's two branches (mlp_*_joined).
 void tensor_add(const TensorView& dst, const TensorView& src, const Exec& exec);

@@ -35,6 +35,7 @@ void forward_impl(const LayerConfig& cfg, const TensorView& x, const ExpertWeigh
   const int32_t* idx = static_cast<const int32_t*>(indices.data);
   const float* g = static_cast<const float*>(gates.data);
   float* pre = static_cast<float*>(preact.data);
+  check_expert_ids("experts_forward", "indices", idx, tokens * K, K, cfg.num_experts());
 #pragma omp parallel num_threads(thread_count(exec))
   {
     std::vector<Acc> out(static_cast<size_t>(d));
@@ -70,6 +71,7 @@ void backward_impl(const LayerConfig& cfg, const TensorView& x, const ExpertWeig
   const float* g = static_cast<const float*>(gates.data);
   const float* pre = static_cast<const float*>(preact.data);
   float* dg = static_cast<float*>(dgates.data);
+  check_expert_ids("experts_backward", "indices", idx, pairs, K, N);
 
   // Per pair: d loss / d preact, and the coefficient g * act(a) of dy in dV.
   std::vector<Acc> dpre(static_cast<size_t>(pairs)), coef(static_cast<size_t>(pairs));

@@ -352,11 +352,7 @@ void backward_impl(const LayerConfig& cfg, const TensorView& x, const RouterWeig
   const float* gates = static_cast<const float*>(out.gates.data);
   const float* dg = static_cast<const float*>(dgates.data);
 
-  // An out-of-range id would scatter out of bounds: refuse it here, outside the parallel loop.
-  for (int64_t p = 0; p < tokens * k; ++p) {
-    OMNIMOE_CHECK(idx[p] >= 0 && idx[p] < n, "router_backward: out.indices must hold expert ids ",
-                  "in [0, ", n, "), got ", idx[p], " at [", p / k, ", ", p % k, "]");
-  }
+  check_expert_ids("router_backward", "out.indices", idx, tokens * k, k, n);
 
   std::vector<Acc> gr(static_cast<size_t>(tokens * nr)), gc(static_cast<size_t>(tokens * nc));
   const float* zr = static_cast<const float*>(saved.row_logits.data);

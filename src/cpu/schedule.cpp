@@ -17,11 +17,7 @@ void schedule_build(const LayerConfig& cfg, const TensorView& indices, const Sch
   int32_t* offsets = static_cast<int32_t*>(schedule.expert_offsets.data);
   int32_t* order = static_cast<int32_t*>(schedule.pair_order.data);
 
-  // An out-of-range id would write out of bounds: refuse it before writing anything.
-  for (int64_t p = 0; p < pairs; ++p) {
-    OMNIMOE_CHECK(idx[p] >= 0 && idx[p] < n, "schedule_build: indices must hold expert ids in ",
-                  "[0, ", n, "), got ", idx[p], " at [", p / cfg.top_k, ", ", p % cfg.top_k, "]");
-  }
+  check_expert_ids("schedule_build", "indices", idx, pairs, cfg.top_k, n);
 
   // Counts into offsets[e + 1], then an exclusive prefix sum: offsets[e] = first slot of e.
   for (int64_t e = 0; e <= n; ++e) offsets[e] = 0;

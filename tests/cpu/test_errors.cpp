@@ -228,6 +228,17 @@ TEST(ErrorsExperts, forward_arguments_are_checked_by_name) {
   HostTensor prebf = tensor(DType::bf16, {4, 3});
   EXPECT_ERROR(a.experts_fwd(c, x, w, idx, g, y, prebf.view(), e), "preact must have dtype f32",
                "got bf16");
+
+  // Ids outside [0, N) would read rows out of bounds: refused before y is written.
+  for (const double bad : {12.0, -1.0}) {
+    HostTensor idx_bad = a.indices;
+    idx_bad.set(1 * 3 + 2, bad);
+    a.y.poison();
+    EXPECT_ERROR(a.experts_fwd(c, x, w, idx_bad.view(), g, y, pre, e), "experts_forward",
+                 "indices must hold expert ids in [0, 12)",
+                 "got " + std::to_string(static_cast<int>(bad)) + " at [1, 2]");
+    EXPECT_FALSE(a.y.all_finite());
+  }
 }
 
 TEST(ErrorsExperts, backward_arguments_are_checked_by_name) {
@@ -265,6 +276,9 @@ TEST(ErrorsExperts, backward_arguments_are_checked_by_name) {
   dgnull.data = nullptr;
   EXPECT_ERROR(a.experts_bwd(dy, dx, grads, dgnull, pre), "dgates is a null pointer",
                "12 elements");
+  a.indices.set(0, 12);
+  EXPECT_ERROR(a.experts_bwd(dy, dx, grads, dg, pre), "experts_backward",
+               "indices must hold expert ids in [0, 12)", "got 12 at [0, 0]");
 }
 
 TEST(ErrorsMlp, arguments_are_checked_by_name) {
@@ -381,6 +395,9 @@ TEST(ErrorsRouter, arguments_are_checked_by_name) {
                "got f16");
   EXPECT_ERROR(bwd(dgates.view(), {gr.view(), gr.view()}),
                "grads.col (dW_c) must have shape [4, 5]", "got [3, 5]");
+  idx.set(3 * 3 + 1, -3);
+  EXPECT_ERROR(bwd(dgates.view(), {gr.view(), gc.view()}), "router_backward",
+               "out.indices must hold expert ids in [0, 12)", "got -3 at [3, 1]");
 }
 
 TEST(ErrorsSchedule, arguments_are_checked_by_name) {
@@ -395,6 +412,10 @@ TEST(ErrorsSchedule, arguments_are_checked_by_name) {
   EXPECT_ERROR(
       schedule_build(a.cfg, a.indices.view(), {off14.view(), order.view()}, Buffer{}, a.exec),
       "schedule.expert_offsets must have shape [13]", "got [14]");
+  a.indices.set(2 * 3, 40);
+  EXPECT_ERROR(
+      schedule_build(a.cfg, a.indices.view(), {off.view(), order.view()}, Buffer{}, a.exec),
+      "schedule_build", "indices must hold expert ids in [0, 12)", "got 40 at [2, 0]");
 }
 
 // ---------------------------------------------------------------------------------------------
