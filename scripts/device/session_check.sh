@@ -6,6 +6,7 @@
 # remains (SESSION_SECONDS, default 540). Everything lands in $OUT/session.tgz.
 #   BENCH_FIRST / BENCH_REST   the configs benched before / after the Python tests
 #   PY_FILES                   the Python test files (default test_cuda.py test_errors.py; none)
+#   TRACE_CONFIGS              configs to trace kernel by kernel (kernel_trace.sh), after the benches
 set -uo pipefail
 final_out=${OUT:-/tmp/omnimoe_out}
 O="$final_out/session"
@@ -22,7 +23,7 @@ if ! { cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
 fi
 echo "build: $(since) s"
 bin=./build-dev/tests/omnimoe_cuda_tests
-timeout 120 $bin --gtest_brief=1 > "$O/cuda_tests.log" 2>&1
+timeout 240 $bin --gtest_brief=1 > "$O/cuda_tests.log" 2>&1
 echo "cuda tests: rc $? at $(since) s"
 grep -E "^\[  FAILED|^\[  PASSED|SKIPPED \]" "$O/cuda_tests.log" | head -30
 small="${SANITIZE_FILTER:-*MixedTokens*:*ExpertsDenseCuda.*/bf16_T33_*:*LayerOverlapCuda*}"
@@ -46,5 +47,6 @@ for c in ${BENCH_REST-paper-k4096-t1k pool-1m-k256 paper-k512-t1k paper-k512-t4k
   [ "$(since)" -lt "$budget" ] || { echo "bench $c: skipped (time)"; continue; }
   bench $c
 done
+for c in ${TRACE_CONFIGS:-}; do OUT="$O" bash scripts/device/kernel_trace.sh "$c"; done
 grep -E "omnimoe bench:|^  (layer|router|experts|MLP|schedule|baseline: (token|dense-masked))" \
   "$O/bench.txt" | cut -c1-80

@@ -7,9 +7,18 @@
 #include <cuda_runtime.h>
 #include <omnimoe/omnimoe.h>
 
+#include <cassert>
 #include <cstdint>
+#include <cstdio>
+#include <utility>
 
 #include "core/check.h"
+
+// The device-side assert's entry point (glibc's name, which CUDA implements for device code; the
+// CUDA headers do not declare it for us).
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file,
+                                                  unsigned int line, const char* function) noexcept
+    __attribute__((__noreturn__));
 
 // Throws omnimoe::Error naming the call and the CUDA error.
 #define OMNIMOE_CUDA_CHECK(call)                                                        \
@@ -38,12 +47,127 @@ inline cudaStream_t stream_of(const Exec& exec) { return static_cast<cudaStream_
 // L2 size of CUDA device `device` in bytes (0 when it cannot be read); cached per device.
 int64_t l2_bytes(int device);
 
+// Byte offsets of workspace regions laid out one after another, each start a multiple of `align`.
+class RegionOffsets {
+ public:
+  explicit RegionOffsets(size_t align) : align_(align) {}
+  size_t take(size_t bytes) {
+    const size_t at = end_;
+    end_ += (bytes + align_ - 1) / align_ * align_;
+    return at;
+  }
+  size_t total() const { return end_; }
+
+ private:
+  size_t align_, end_ = 0;
+};
+
+// Programmatic dependent launch (sm_90 and later). A kernel started by launch_kernel() with it
+// may begin while the kernel before it in the stream is still running: its launch overlaps the
+// other's tail instead of following it. So every kernel of ours starts with kernel_prologue():
+// it lets the kernel's own dependents begin launching, then waits until the kernels before it
+// have finished and their writes are visible; before that it touches no global memory. Launched
+// without the attribute, both instructions do nothing.
+__device__ __forceinline__ void kernel_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Expert ids come from the caller, and an id outside [0, n) used as a row index would read or
+// write out of bounds. Kernels cannot throw and forward / backward may not synchronise, so such
+// an id stops the kernel with a device-side assert, as PyTorch's index kernels do: stdout gets
+// the op, the id and the range, and every later CUDA call fails (a synchronisation with
+// cudaErrorAssert; the context is unusable). The CPU backend throws Error.
+__device__ __noinline__ inline void expert_id_out_of_range(const char* op, int64_t id,
+                                                          int64_t n) {
+  printf("omnimoe: %s: expert id %lld is outside [0, %lld)\n", op, static_cast<long long>(id),
+         static_cast<long long>(n));
+  __assert_fail("expert id in [0, num_experts)", __FILE__, __LINE__, op);
+}
+// Returns `id` after checking it against [0, n).
+__device__ __forceinline__ int32_t checked_expert_id(int32_t id, int64_t n, const char* op) {
+  if (id < 0 || id >= n) expert_id_out_of_range(op, id, n);
+  return id;
+}
+
+// The same check for kernels whose registers are precious (a call on the hot path made the
+// gather kernels spill): a bad id comes back as -1, which the caller skips as "no pair", and is
+// kept in `bad`; the kernel reports it at its end, where few registers are live.
+struct BadExpertId {
+  bool seen = false;
+  int32_t id = 0;
+};
+__device__ __forceinline__ int32_t expert_id_or_skip(int32_t id, int64_t n, BadExpertId& bad) {
+  const bool ok = id >= 0 && id < n;
+  if (!ok) {
+    bad.seen = true;
+    bad.id = id;
+  }
+  return ok ? id : -1;
+}
+__device__ __forceinline__ void report_bad_expert_id(const BadExpertId& bad, int64_t n,
+                                                     const char* op) {
+  if (bad.seen) expert_id_out_of_range(op, bad.id, n);
+}
+
+// Whether launch_kernel() asks for programmatic dependent launch on `device`: compute
+// capability 9.0 or later and OMNIMOE_PDL=1 (off by default until measured); cached per device.
+bool dependent_launch(int device);
+
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch where
+// dependent_launch() allows it. `name` goes into the error message.
+template <typename... Params, typename... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                   size_t smem, cudaStream_t stream, Args&&... args) {
+  int device = 0;
+  OMNIMOE_CUDA_CHECK(cudaGetDevice(&device));
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = dependent_launch(device) ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    OMNIMOE_FAIL("CUDA launch of ", name, " failed: ", cudaGetErrorName(err), " (",
+                 cudaGetErrorString(err), ")");
+  }
+}
+
 // Rows [r0, r0 + rows) of a 2-D view.
 inline TensorView rows_of(const TensorView& v, int64_t r0, int64_t rows) {
   TensorView r = v;
   r.data = static_cast<char*>(v.data) + r0 * v.strides[0] * static_cast<int64_t>(dtype_size(v.dtype));
   r.shape[0] = rows;
   return r;
+}
+
+// Columns [c0, c0 + cols) of a 2-D view.
+inline TensorView cols_of(const TensorView& v, int64_t c0, int64_t cols) {
+  TensorView r = v;
+  r.data = static_cast<char*>(v.data) + c0 * static_cast<int64_t>(dtype_size(v.dtype));
+  r.shape[1] = cols;
+  return r;
+}
+
+// a and b as one matrix when b's rows follow a's in memory (same dtype, columns and row
+// stride): [a; b] in one product instead of two. Else a view with data == nullptr.
+inline TensorView stacked_rows(const TensorView& a, const TensorView& b) {
+  const int64_t ld = a.strides[0];
+  const bool follows = a.dtype == b.dtype && a.shape[1] == b.shape[1] && b.strides[0] == ld &&
+                       a.strides[1] == 1 && b.strides[1] == 1 &&
+                       static_cast<const char*>(b.data) ==
+                           static_cast<const char*>(a.data) +
+                               a.shape[0] * ld * static_cast<int64_t>(dtype_size(a.dtype));
+  if (!follows) return TensorView{};
+  return TensorView::matrix(a.data, a.dtype, a.shape[0] + b.shape[0], a.shape[1], ld, a.device);
 }
 
 // Makes exec.device current for the scope of an op, restoring the caller's device after.

@@ -1,5 +1,8 @@
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
+#include <utility>
 
 #include "cuda/cuda_common.cuh"
 
@@ -17,19 +20,34 @@ bool cuda_available() {
 }  // namespace omnimoe
 
 namespace omnimoe::cuda {
+namespace {
 
-int64_t l2_bytes(int device) {
+// cudaDeviceGetAttribute, cached per (device, attribute); 0 when it cannot be read.
+int cached_attribute(int device, cudaDeviceAttr attribute) {
   static std::mutex mutex;
-  static std::map<int, int64_t> known;
+  static std::map<std::pair<int, int>, int> known;
   std::lock_guard<std::mutex> lock(mutex);
-  if (auto it = known.find(device); it != known.end()) return it->second;
-  int bytes = 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
+  const std::pair<int, int> key{device, static_cast<int>(attribute)};
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess) {
     cudaGetLastError();
-    bytes = 0;
+    value = 0;
   }
-  known.emplace(device, bytes);
-  return bytes;
+  known.emplace(key, value);
+  return value;
+}
+
+}  // namespace
+
+int64_t l2_bytes(int device) { return cached_attribute(device, cudaDevAttrL2CacheSize); }
+
+bool dependent_launch(int device) {
+  static const bool requested = [] {
+    const char* v = std::getenv("OMNIMOE_PDL");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return requested && cached_attribute(device, cudaDevAttrComputeCapabilityMajor) >= 9;
 }
 
 }  // namespace omnimoe::cuda

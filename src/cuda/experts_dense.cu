@@ -187,24 +187,28 @@ __device__ __forceinline__ void store_segment(T* __restrict__ dst, const T* seg,
 }
 
 // Calls pair(k, col) for each pair k of the row whose expert falls in columns [s0, s0 + width)
-// of the chunk (col relative to s0), reading the row's ids: for rows too long to keep.
+// of the chunk (col relative to s0), reading the row's ids (checked against [0, experts)): for
+// rows too long to keep.
 template <typename Pair>
 __device__ __forceinline__ void for_pairs_in_segment(const int32_t* idx_row, int64_t top_k,
-                                                     int64_t c0, int s0, int width, Pair&& pair) {
+                                                     int64_t experts, int64_t c0, int s0,
+                                                     int width, Pair&& pair) {
   for (int64_t k = threadIdx.x; k < top_k; k += kThreads) {
-    const int64_t col = idx_row[k] - c0 - s0;
+    const int64_t col = checked_expert_id(idx_row[k], experts, "experts") - c0 - s0;
     if (col >= 0 && col < width) pair(k, static_cast<int>(col));
   }
 }
 
-// This thread's expert ids of the row relative to c0 (-1 past the row's end, and where the
-// difference leaves int range: such experts lie outside every chunk column).
+// This thread's expert ids of the row (checked against [0, experts)) relative to c0 (-1 past
+// the row's end, and where the difference leaves int range: such experts lie outside every
+// chunk column).
 __device__ __forceinline__ void load_ids(int32_t ids[kPairsPerThread], const int32_t* idx_row,
-                                         int64_t top_k, int64_t c0, int64_t cols) {
+                                         int64_t top_k, int64_t experts, int64_t c0,
+                                         int64_t cols) {
 #pragma unroll
   for (int j = 0; j < kPairsPerThread; ++j) {
     const int64_t k = static_cast<int64_t>(threadIdx.x) + j * kThreads;
-    const int64_t col = k < top_k ? idx_row[k] - c0 : -1;
+    const int64_t col = k < top_k ? checked_expert_id(idx_row[k], experts, "experts") - c0 : -1;
     ids[j] = col >= 0 && col < cols ? static_cast<int32_t>(col) : -1;
   }
 }
@@ -224,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     dense_forward_fill_kernel(const Score* __restrict__ s, T* __restrict__ a, int64_t ld,
                               int64_t cols, int64_t c0, const int32_t* __restrict__ idx,
                               const float* __restrict__ gates, float* __restrict__ preact,
-                              int64_t top_k, Activation act) {
+                              int64_t top_k, int64_t experts, Activation act) {
   __shared__ __align__(16) T seg[kSegment];
   const int64_t r = blockIdx.x;
   const Score* s_row = s + r * ld;
@@ -237,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __shared__ T pair_val[kCachedPairs];
     constexpr int kGroup = kPairsPerThread / 2;
     int32_t col[kPairsPerThread];
-    load_ids(col, idx_row, top_k, c0, cols);
+    load_ids(col, idx_row, top_k, experts, c0, cols);
 #pragma unroll
     for (int j0 = 0; j0 < kPairsPerThread; j0 += kGroup) {
       float sv[kGroup], gv[kGroup];
@@ -278,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int width8 = static_cast<int>(padded(width));
     zero_segment(seg, width8);
     __syncthreads();
-    for_pairs_in_segment(idx_row, top_k, c0, static_cast<int>(s0), width,
+    for_pairs_in_segment(idx_row, top_k, experts, c0, static_cast<int>(s0), width,
                          [&](int64_t k, int col) {
                            const float z = load_float(s_row[s0 + col]);
                            z_row[k] = z;
@@ -301,7 +305,8 @@ __global__ void __launch_bounds__(kThreads)
                                T* __restrict__ da_low, T* __restrict__ gh, int64_t ld, int64_t cols,
                                int64_t c0, const int32_t* __restrict__ idx,
                                const float* __restrict__ gates, const float* __restrict__ preact,
-                               float* __restrict__ dgates, int64_t top_k, Activation act) {
+                               float* __restrict__ dgates, int64_t top_k, int64_t experts,
+                               Activation act) {
   __shared__ __align__(16) T seg_high[kSegment];
   __shared__ __align__(16) T seg_low[kSegment];
   __shared__ __align__(16) T seg_g[kSegment];
@@ -327,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
     constexpr int kGroup = kPairsPerThread / 2;
     int32_t col[kPairsPerThread];
     T high[kPairsPerThread], low[kPairsPerThread], gh_v[kPairsPerThread];
-    load_ids(col, idx_row, top_k, c0, cols);
+    load_ids(col, idx_row, top_k, experts, c0, cols);
 #pragma unroll
     for (int j0 = 0; j0 < kPairsPerThread; j0 += kGroup) {
       float sv[kGroup], zv[kGroup], gv[kGroup];
@@ -377,7 +382,7 @@ __global__ void __launch_bounds__(kThreads)
     zero_segment(seg_low, width8);
     zero_segment(seg_g, width8);
     __syncthreads();
-    for_pairs_in_segment(idx_row, top_k, c0, static_cast<int>(s0), width,
+    for_pairs_in_segment(idx_row, top_k, experts, c0, static_cast<int>(s0), width,
                          [&](int64_t k, int col) {
                            dg_row[k] = coefficients(s_row[s0 + col], z_row[k], g_row[k],
                                                     seg_high[col], seg_low[col], seg_g[col]);
@@ -460,7 +465,7 @@ void forward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWeig
       const TensorView av = TensorView::matrix(a, dtype, rows, n, c.ld, exec.device);
       gemm(rows_of(x, t0, rows), false, w.up, true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
       dense_forward_fill_kernel<T, Score><<<row_blocks(rows), kThreads, 0, stream>>>(
-          s_data, a, c.ld, n, 0, idx + t0 * K, g + t0 * K, z + t0 * K, K, cfg.act);
+          s_data, a, c.ld, n, 0, idx + t0 * K, g + t0 * K, z + t0 * K, K, n, cfg.act);
       OMNIMOE_CUDA_CHECK_LAUNCH("dense_forward_fill_kernel");
       gemm(av, false, w.down, false, rows_of(y, t0, rows), 1.0f, accumulate ? 1.0f : 0.0f,
            ws.gemm_ws, exec);
@@ -474,7 +479,7 @@ void forward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWeig
     const TensorView av = TensorView::matrix(a, dtype, tokens, cols, c.ld, exec.device);
     gemm(x, false, rows_of(w.up, e0, cols), true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
     dense_forward_fill_kernel<T, Score><<<row_blocks(tokens), kThreads, 0, stream>>>(
-        s_data, a, c.ld, cols, e0, idx, g, z, K, cfg.act);
+        s_data, a, c.ld, cols, e0, idx, g, z, K, n, cfg.act);
     OMNIMOE_CUDA_CHECK_LAUNCH("dense_forward_fill_kernel");
     gemm(av, false, rows_of(w.down, e0, cols), false, y_sum, 1.0f, ci == 0 ? 0.0f : 1.0f,
          ws.gemm_ws, exec);
@@ -519,7 +524,7 @@ void backward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWei
     gemm(dy, false, rows_of(w.down, e0, cols), true, s, 1.0f, 0.0f, ws.gemm_ws, exec);
     dense_backward_fill_kernel<T><<<row_blocks(tokens), kThreads, 0, stream>>>(
         static_cast<const float*>(ws.s), da, da + tokens * c.ld, gh, c.ld, cols, e0, idx, g, z, dg,
-        K, cfg.act);
+        K, n, cfg.act);
     OMNIMOE_CUDA_CHECK_LAUNCH("dense_backward_fill_kernel");
     // dx sums over chunks in fp32; dW and dV rows of the chunk are written once (rows of
     // experts nobody chose come out zero).

@@ -111,6 +111,7 @@ struct TokenPass {
   int64_t out_stride;
   bool accumulate;
   const int32_t* indices;  // [T, K]
+  int64_t num_experts;     // ids outside [0, num_experts) stop the kernel
   const float* gates;      // [T, K]
   float* preact;           // [T, K]: written forward, read backward
   float* dgates;           // [T, K], backward only
@@ -155,6 +156,7 @@ __device__ __forceinline__ acc_of<T> pair_epilogue(const TokenPass<T>& p, int64_
 
 template <typename T, int VEC, int CPT, int KB, bool BACKWARD, int MIN_BLOCKS = 1>
 __global__ void __launch_bounds__(kBlock, MIN_BLOCKS) gather_token_kernel(const TokenPass<T> p) {
+  kernel_prologue();
   using A = acc_of<T>;
   using C = Chunk<T, VEC>;
   constexpr int kWarps = kBlock / 32;
@@ -194,8 +196,11 @@ __global__ void __launch_bounds__(kBlock, MIN_BLOCKS) gather_token_kernel(const 
   }
 
   int e_next[KB];
+  BadExpertId bad;
 #pragma unroll
-  for (int j = 0; j < KB; ++j) e_next[j] = valid && j < K ? idx_row[j] : -1;
+  for (int j = 0; j < KB; ++j) {
+    e_next[j] = valid && j < K ? expert_id_or_skip(idx_row[j], p.num_experts, bad) : -1;
+  }
 
   int buf = 0;
   for (int k0 = 0; k0 < K; k0 += KB) {
@@ -219,7 +224,7 @@ __global__ void __launch_bounds__(kBlock, MIN_BLOCKS) gather_token_kernel(const 
 #pragma unroll
     for (int j = 0; j < KB; ++j) {
       const int k = k0 + KB + j;
-      e_next[j] = valid && k < K ? idx_row[k] : -1;
+      e_next[j] = valid && k < K ? expert_id_or_skip(idx_row[k], p.num_experts, bad) : -1;
     }
 
     A part[NR];
@@ -278,6 +283,7 @@ __global__ void __launch_bounds__(kBlock, MIN_BLOCKS) gather_token_kernel(const 
     }
   }
 
+  report_bad_expert_id(bad, p.num_experts, "experts");
   if (!valid) return;
 #pragma unroll
   for (int c = 0; c < CPT; ++c) {
@@ -292,6 +298,7 @@ __global__ void __launch_bounds__(kBlock, MIN_BLOCKS) gather_token_kernel(const 
 // products, saves what the pass saves, and writes each pair's coefficient to p.coef.
 template <typename T, int VEC, bool BACKWARD>
 __global__ void __launch_bounds__(kBlock) split_dot_kernel(const TokenPass<T> p) {
+  kernel_prologue();
   using A = acc_of<T>;
   constexpr int KB = 4;
   constexpr int kWarps = kBlock / 32;
@@ -301,10 +308,13 @@ __global__ void __launch_bounds__(kBlock) split_dot_kernel(const TokenPass<T> p)
   const int64_t t = blockIdx.x;
   const int K = p.top_k;
   int buf = 0;
+  BadExpertId bad;
   for (int k0 = 0; k0 < K; k0 += KB) {
     int e[KB];
 #pragma unroll
-    for (int j = 0; j < KB; ++j) e[j] = k0 + j < K ? p.indices[t * K + k0 + j] : -1;
+    for (int j = 0; j < KB; ++j) {
+      e[j] = k0 + j < K ? expert_id_or_skip(p.indices[t * K + k0 + j], p.num_experts, bad) : -1;
+    }
     A part[NR] = {};
     for (int chunk = threadIdx.x; chunk < p.nchunks; chunk += kBlock) {
       const Chunk<T, VEC> in = load_chunk<T, VEC>(p.in + t * p.in_stride + chunk * VEC);
@@ -349,11 +359,14 @@ __global__ void __launch_bounds__(kBlock) split_dot_kernel(const TokenPass<T> p)
     }
     buf ^= 1;
   }
+  report_bad_expert_id(bad, p.num_experts, "experts");
 }
 
-// Split path, step 2: out[t, chunk] = [out +] sum_k coef[t, k] * sum_table[e_k, chunk].
+// Split path, step 2: out[t, chunk] = [out +] sum_k coef[t, k] * sum_table[e_k, chunk] (step 1
+// checked the ids).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBlock) split_sum_kernel(const TokenPass<T> p) {
+  kernel_prologue();
   using A = acc_of<T>;
   const int64_t blocks_per_row = (p.nchunks + kBlock - 1) / kBlock;
   const int64_t t = blockIdx.x / blocks_per_row;
@@ -400,6 +413,7 @@ struct ExpertPass {
 
 template <typename T, int VEC, int U>
 __global__ void __launch_bounds__(kBlock) expert_grads_kernel(const ExpertPass<T> p) {
+  kernel_prologue();
   using A = acc_of<T>;
   using C = Chunk<T, VEC>;
   const int tpt = 1 << p.tpt_log2;
@@ -531,17 +545,19 @@ void launch_token_pass(const TokenPass<T>& p, const RowPlan& plan, cudaStream_t 
   switch (plan.cpt) {
     case 1:
       // f64 needs the registers of two blocks per SM.
-      gather_token_kernel<T, VEC, 1, 4, BACKWARD, sizeof(T) == 8 ? 2 : 3>
-          <<<grid, kBlock, 0, stream>>>(p);
+      launch_kernel("gather_token_kernel",
+                    gather_token_kernel<T, VEC, 1, 4, BACKWARD, sizeof(T) == 8 ? 2 : 3>,
+                    dim3(grid), dim3(kBlock), 0, stream, p);
       break;
     case 2:
-      gather_token_kernel<T, VEC, 2, 2, BACKWARD, 2><<<grid, kBlock, 0, stream>>>(p);
+      launch_kernel("gather_token_kernel", gather_token_kernel<T, VEC, 2, 2, BACKWARD, 2>,
+                    dim3(grid), dim3(kBlock), 0, stream, p);
       break;
     default:
-      gather_token_kernel<T, VEC, 4, 1, BACKWARD, 2><<<grid, kBlock, 0, stream>>>(p);
+      launch_kernel("gather_token_kernel", gather_token_kernel<T, VEC, 4, 1, BACKWARD, 2>,
+                    dim3(grid), dim3(kBlock), 0, stream, p);
       break;
   }
-  OMNIMOE_CUDA_CHECK_LAUNCH("gather_token_kernel");
 }
 
 template <typename T>
@@ -568,6 +584,7 @@ void forward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWeig
   p.out_stride = y.strides[0];
   p.accumulate = accumulate;
   p.indices = static_cast<const int32_t*>(indices.data);
+  p.num_experts = cfg.num_experts();
   p.gates = static_cast<const float*>(gates.data);
   p.preact = static_cast<float*>(preact.data);
   p.coef = static_cast<acc_of<T>*>(workspace.data);  // split path only
@@ -596,9 +613,8 @@ void launch_expert_pass(ExpertPass<T> p, int device, cudaStream_t stream) {
   p.items_per_group = std::max<int64_t>(1, ceil_div(items, groups));
   const int64_t blocks = ceil_div(ceil_div(items, p.items_per_group), groups_per_block);
   OMNIMOE_CHECK(blocks <= INT32_MAX, "experts gather: grid too large");
-  expert_grads_kernel<T, VEC, kGradPairsInFlight>
-      <<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p);
-  OMNIMOE_CUDA_CHECK_LAUNCH("expert_grads_kernel");
+  launch_kernel("expert_grads_kernel", expert_grads_kernel<T, VEC, kGradPairsInFlight>,
+                dim3(static_cast<unsigned>(blocks)), dim3(kBlock), 0, stream, p);
 }
 
 template <typename T>
@@ -629,6 +645,7 @@ void backward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWei
   p.out_stride = dx.strides[0];
   p.accumulate = accumulate_dx;
   p.indices = static_cast<const int32_t*>(indices.data);
+  p.num_experts = cfg.num_experts();
   p.gates = static_cast<const float*>(gates.data);
   p.preact = static_cast<float*>(preact.data);
   p.dgates = static_cast<float*>(dgates.data);

@@ -207,8 +207,10 @@ __global__ void __launch_bounds__(kThreads) assign_pairs_kernel(
   }
   __syncthreads();
   const int* idx = indices + static_cast<int64_t>(t) * index_stride;
+  const int64_t experts = static_cast<int64_t>(grid_rows) * grid_cols;
   for (int k = threadIdx.x; k < top_k; k += blockDim.x) {
-    const int e = __ldg(idx + k);
+    // The first kernel to read the ids checks them; the later passes reread checked ids.
+    const int e = checked_expert_id(__ldg(idx + k), experts, "experts");
     atomicAdd(&counts[e / grid_cols], 1);
     atomicAdd(&counts[grid_rows + e % grid_cols], 1);
   }

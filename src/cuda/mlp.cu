@@ -3,9 +3,10 @@
 //
 // Workspace (each region 256-byte aligned):
 //   forward:  h [T, I]                     | cuBLASLt workspace
-//   backward: h [T, I] | d_gate [T, I] | dh, then d_up in place [T, I] | cuBLASLt workspace
-// Later: when W_gate and W_up are adjacent in memory (one [2I, d] tensor), the two input GEMMs
-// of forward and the two dx GEMMs of backward could each run as one.
+//   backward: h [T, I] | [d_gate | dh, then d_up in place] [T, 2I] | cuBLASLt workspace
+// When W_up follows W_gate in memory (one [2I, d] tensor) the backward's two dx products run as
+// one, and when grads.up follows grads.gate, the two weight-gradient products; the forward's
+// input products stay two (the saved gate_pre and up_pre are separate dense matrices).
 #include <algorithm>
 #include <type_traits>
 
@@ -76,6 +77,7 @@ struct alignas(sizeof(T) * V) Pack {
 template <typename T, int V>
 __global__ void swiglu_forward_kernel(const T* __restrict__ g, const T* __restrict__ u,
                                       T* __restrict__ h, int64_t n) {
+  kernel_prologue();
   using Acc = acc_t<T>;
   using P = Pack<T, V>;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
@@ -98,34 +100,35 @@ __global__ void swiglu_forward_kernel(const T* __restrict__ g, const T* __restri
 }
 
 // h = silu(g) * u (for dW_down), d_gate = dh * u * silu'(g), d_up = dh * silu(g), reading g and
-// u once. d_up may alias dh (each element is read before it is written, by the same thread).
+// u once, over [rows, cols]: g, u and h dense, dh, d_gate and d_up with row stride ld (d_gate and
+// d_up side by side in one matrix). d_up may alias dh (each element is read before it is
+// written, by the same thread). V > 1 needs cols and ld multiples of V and 16-byte bases.
 template <typename T, int V>
 __global__ void swiglu_backward_kernel(const T* __restrict__ g, const T* __restrict__ u,
                                        const T* dh, T* __restrict__ h, T* __restrict__ d_gate,
-                                       T* d_up, int64_t n) {
+                                       T* d_up, int64_t rows, int64_t cols, int64_t ld) {
+  kernel_prologue();
   using Acc = acc_t<T>;
   using P = Pack<T, V>;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  const int64_t packs = n / V;
-  auto one = [](T gv, T uv, T dhv, T& hv, T& dg, T& du) {
-    const Acc z = to_acc(gv), s = sigmoid(z), up = to_acc(uv), d = to_acc(dhv);
-    hv = from_acc<T>(z * s * up);
-    dg = from_acc<T>(d * up * s * (Acc(1) + z * (Acc(1) - s)));
-    du = from_acc<T>(d * z * s);
-  };
+  const int64_t row_packs = cols / V, packs = rows * row_packs;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs; i += step) {
-    const P gp = reinterpret_cast<const P*>(g)[i];
-    const P up = reinterpret_cast<const P*>(u)[i];
-    const P dp = reinterpret_cast<const P*>(dh)[i];
+    const int64_t r = i / row_packs;
+    const int64_t dense = i * V, strided = r * ld + (i - r * row_packs) * V;
+    const P gp = *reinterpret_cast<const P*>(g + dense);
+    const P up = *reinterpret_cast<const P*>(u + dense);
+    const P dp = *reinterpret_cast<const P*>(dh + strided);
     P hp, dgp, dup;
 #pragma unroll
-    for (int j = 0; j < V; ++j) one(gp.v[j], up.v[j], dp.v[j], hp.v[j], dgp.v[j], dup.v[j]);
-    reinterpret_cast<P*>(h)[i] = hp;
-    reinterpret_cast<P*>(d_gate)[i] = dgp;
-    reinterpret_cast<P*>(d_up)[i] = dup;
-  }
-  for (int64_t i = packs * V + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += step) {
-    one(g[i], u[i], dh[i], h[i], d_gate[i], d_up[i]);
+    for (int j = 0; j < V; ++j) {
+      const Acc z = to_acc(gp.v[j]), s = sigmoid(z), uv = to_acc(up.v[j]), d = to_acc(dp.v[j]);
+      hp.v[j] = from_acc<T>(z * s * uv);
+      dgp.v[j] = from_acc<T>(d * uv * s * (Acc(1) + z * (Acc(1) - s)));
+      dup.v[j] = from_acc<T>(d * z * s);
+    }
+    *reinterpret_cast<P*>(h + dense) = hp;
+    *reinterpret_cast<P*>(d_gate + strided) = dgp;
+    *reinterpret_cast<P*>(d_up + strided) = dup;
   }
 }
 
@@ -146,18 +149,21 @@ void swiglu_forward(DType dtype, const void* g, const void* u, void* h, int64_t 
     const T* ut = static_cast<const T*>(u);
     T* ht = static_cast<T*>(h);
     if (aligned16(g) && aligned16(u) && aligned16(h)) {
-      swiglu_forward_kernel<T, V><<<grid_for(ceil_div(n, V), threads), threads, 0, stream>>>(
-          gt, ut, ht, n);
+      launch_kernel("swiglu_forward_kernel", swiglu_forward_kernel<T, V>,
+                    dim3(grid_for(ceil_div(n, V), threads)), dim3(threads), 0, stream, gt, ut, ht,
+                    n);
     } else {
-      swiglu_forward_kernel<T, 1><<<grid_for(n, threads), threads, 0, stream>>>(gt, ut, ht, n);
+      launch_kernel("swiglu_forward_kernel", swiglu_forward_kernel<T, 1>,
+                    dim3(grid_for(n, threads)), dim3(threads), 0, stream, gt, ut, ht, n);
     }
   });
-  OMNIMOE_CUDA_CHECK_LAUNCH("swiglu_forward_kernel");
 }
 
+// g, u, h dense [rows, cols]; dh, d_gate, d_up with row stride ld.
 void swiglu_backward(DType dtype, const void* g, const void* u, const void* dh, void* h,
-                     void* d_gate, void* d_up, int64_t n, cudaStream_t stream) {
-  if (n == 0) return;
+                     void* d_gate, void* d_up, int64_t rows, int64_t cols, int64_t ld,
+                     cudaStream_t stream) {
+  if (rows * cols == 0) return;
   dispatch_storage(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = 16 / sizeof(T);
@@ -168,16 +174,17 @@ void swiglu_backward(DType dtype, const void* g, const void* u, const void* dh, 
     T* ht = static_cast<T*>(h);
     T* dgt = static_cast<T*>(d_gate);
     T* dut = static_cast<T*>(d_up);
-    if (aligned16(g) && aligned16(u) && aligned16(dh) && aligned16(h) && aligned16(d_gate) &&
-        aligned16(d_up)) {
-      swiglu_backward_kernel<T, V><<<grid_for(ceil_div(n, V), threads), threads, 0, stream>>>(
-          gt, ut, dht, ht, dgt, dut, n);
+    if (cols % V == 0 && ld % V == 0 && aligned16(g) && aligned16(u) && aligned16(dh) &&
+        aligned16(h) && aligned16(d_gate) && aligned16(d_up)) {
+      launch_kernel("swiglu_backward_kernel", swiglu_backward_kernel<T, V>,
+                    dim3(grid_for(rows * cols / V, threads)), dim3(threads), 0, stream, gt, ut,
+                    dht, ht, dgt, dut, rows, cols, ld);
     } else {
-      swiglu_backward_kernel<T, 1><<<grid_for(n, threads), threads, 0, stream>>>(gt, ut, dht, ht,
-                                                                                 dgt, dut, n);
+      launch_kernel("swiglu_backward_kernel", swiglu_backward_kernel<T, 1>,
+                    dim3(grid_for(rows * cols, threads)), dim3(threads), 0, stream, gt, ut, dht,
+                    ht, dgt, dut, rows, cols, ld);
     }
   });
-  OMNIMOE_CUDA_CHECK_LAUNCH("swiglu_backward_kernel");
 }
 
 }  // namespace
@@ -242,31 +249,44 @@ void backward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights
   const int64_t tokens = x.shape[0], I = cfg.intermediate;
   const DType dt = x.dtype;
   Carver carve(workspace);
-  auto activation = [&] {
-    return TensorView::matrix(carve.take(activation_bytes(cfg, tokens, dt)), dt, tokens, I, I,
-                              exec.device);
-  };
-  const TensorView h = activation();
-  const TensorView d_gate = activation();
-  const TensorView dh = activation();  // becomes d_up in place
-  const TensorView& d_up = dh;
+  const TensorView h = TensorView::matrix(carve.take(activation_bytes(cfg, tokens, dt)), dt, tokens,
+                                          I, I, exec.device);
+  // d_gate | d_up side by side in one [T, 2I] matrix, so that the two weight-gradient products
+  // run as one when the gradients are stacked, and the two dx products as one (inner dimension
+  // 2I) when the weights are. dh goes where d_up will be and becomes it in place.
+  const TensorView d_gate_up = TensorView::matrix(carve.take(2 * activation_bytes(cfg, tokens, dt)),
+                                                  dt, tokens, 2 * I, 2 * I, exec.device);
+  const TensorView d_gate = cols_of(d_gate_up, 0, I);
+  const TensorView d_up = cols_of(d_gate_up, I, I);
+  const TensorView& dh = d_up;
   const Buffer gemm_ws = carve.rest();
 
   // With T = 0 the weight-gradient GEMMs have k = 0 and write zeros.
   gemm(dy, false, weights.down, false, dh, 1.0f, 0.0f, gemm_ws, exec);  // [T, I] = dy W_down
   swiglu_backward(dt, saved.gate_pre.data, saved.up_pre.data, dh.data, h.data, d_gate.data,
-                  d_up.data, tokens * I, stream);
-  gemm(dy, true, h, false, grads.down, 1.0f, 0.0f, gemm_ws, exec);      // [d, I] = dy^T h
-  gemm(d_gate, true, x, false, grads.gate, 1.0f, 0.0f, gemm_ws, exec);  // [I, d]
-  gemm(d_up, true, x, false, grads.up, 1.0f, 0.0f, gemm_ws, exec);
-  if (addend) {  // the dx products last, so the other branch has the longest to finish
-    (*join)();
-    gemm(d_gate, false, weights.gate, false, *addend, dx, 1.0f, 1.0f, gemm_ws, exec);
+                  d_up.data, tokens, I, 2 * I, stream);
+  gemm(dy, true, h, false, grads.down, 1.0f, 0.0f, gemm_ws, exec);  // [d, I] = dy^T h
+  const TensorView grads_gate_up = stacked_rows(grads.gate, grads.up);
+  if (grads_gate_up.data != nullptr) {
+    gemm(d_gate_up, true, x, false, grads_gate_up, 1.0f, 0.0f, gemm_ws, exec);  // [2I, d]
   } else {
-    gemm(d_gate, false, weights.gate, false, dx, 1.0f, accumulate_dx ? 1.0f : 0.0f, gemm_ws,
-         exec);
+    gemm(d_gate, true, x, false, grads.gate, 1.0f, 0.0f, gemm_ws, exec);  // [I, d]
+    gemm(d_up, true, x, false, grads.up, 1.0f, 0.0f, gemm_ws, exec);
   }
-  gemm(d_up, false, weights.up, false, dx, 1.0f, 1.0f, gemm_ws, exec);
+  // The dx products last, so the other branch has the longest to finish.
+  if (addend) (*join)();
+  const float beta = addend != nullptr || accumulate_dx ? 1.0f : 0.0f;
+  const TensorView w_gate_up = stacked_rows(weights.gate, weights.up);
+  const TensorView& in = w_gate_up.data != nullptr ? d_gate_up : d_gate;
+  const TensorView& w = w_gate_up.data != nullptr ? w_gate_up : weights.gate;
+  if (addend) {
+    gemm(in, false, w, false, *addend, dx, 1.0f, beta, gemm_ws, exec);
+  } else {
+    gemm(in, false, w, false, dx, 1.0f, beta, gemm_ws, exec);
+  }
+  if (w_gate_up.data == nullptr) {
+    gemm(d_up, false, weights.up, false, dx, 1.0f, 1.0f, gemm_ws, exec);
+  }
 }
 
 }  // namespace

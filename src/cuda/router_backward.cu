@@ -5,7 +5,9 @@
 //     axes of up to 1024, a warp per token instead (registers only, sums in slot order).
 //  2. Batch-norm backward: per-logit sums over the tokens in a fixed order (training), or the
 //     scale by rstd (evaluation); written as dL = [dL_r | dL_c] in the GEMM's compute type.
-//  3. grads.row = dL_r^T x, grads.col = dL_c^T x, dx (+)= dL [W_r; W_c] in one GEMM.
+//  3. grads.row = dL_r^T x, grads.col = dL_c^T x (one GEMM when grads.col follows grads.row in
+//     memory), dx (+)= dL [W_r; W_c] in one GEMM ([W_r; W_c] copied once per call unless W_c
+//     follows W_r in memory).
 // Compute type of the GEMMs: x's dtype for bf16, f32 and f64 (bf16 keeps f32's exponent range, so
 // dL loses only mantissa bits: about 2^-9 relative per term, well inside the bf16 tolerance);
 // f32 for f16 (dL would underflow in f16), with x and W converted and the results converted back.
@@ -24,7 +26,6 @@ namespace {
 using namespace router_detail;
 
 constexpr size_t kAlign = 256;
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 constexpr size_t kSharedAccBudget = 64 * 1024;  // accumulators of one token in shared memory
 constexpr int kGlobalCtas = 128;
@@ -43,32 +44,27 @@ struct BackwardLayout {
 
 BackwardLayout backward_layout(const LayerConfig& cfg, int64_t tokens, DType dtype) {
   BackwardLayout L;
-  size_t o = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = o;
-    o += align_up(bytes);
-    return at;
-  };
+  RegionOffsets regions(kAlign);
   const int64_t columns = cfg.grid_rows + cfg.grid_cols;
   const DType ct = compute_dtype(dtype);
   const size_t ct_size = dtype_size(ct);
   const size_t T = static_cast<size_t>(tokens), d = static_cast<size_t>(cfg.hidden);
-  L.gemm = take(gemm_workspace_bytes());
+  L.gemm = regions.take(gemm_workspace_bytes());
   if (!acc_in_shared(cfg)) {
-    L.acc = take(static_cast<size_t>(std::min<int64_t>(tokens, kGlobalCtas)) * columns * 8);
+    L.acc = regions.take(static_cast<size_t>(std::min<int64_t>(tokens, kGlobalCtas)) * columns * 8);
   }
-  L.dz_r = take(T * cfg.grid_rows * sizeof(float));
-  L.dz_c = take(T * cfg.grid_cols * sizeof(float));
-  L.partials = take(column_partials_bytes(tokens, columns));
-  L.sum_dy = take(columns * sizeof(float));
-  L.sum_dyy = take(columns * sizeof(float));
-  L.dl = take(T * columns * ct_size);
-  L.w = take(static_cast<size_t>(columns) * d * ct_size);
+  L.dz_r = regions.take(T * cfg.grid_rows * sizeof(float));
+  L.dz_c = regions.take(T * cfg.grid_cols * sizeof(float));
+  L.partials = regions.take(column_partials_bytes(tokens, columns));
+  L.sum_dy = regions.take(columns * sizeof(float));
+  L.sum_dyy = regions.take(columns * sizeof(float));
+  L.dl = regions.take(T * columns * ct_size);
+  L.w = regions.take(static_cast<size_t>(columns) * d * ct_size);
   if (ct != dtype) {
-    L.x = take(T * d * ct_size);
-    L.tmp = take(std::max<size_t>(T, std::max(cfg.grid_rows, cfg.grid_cols)) * d * ct_size);
+    L.x = regions.take(T * d * ct_size);
+    L.tmp = regions.take(std::max<size_t>(T, columns) * d * ct_size);  // f32: ct is f32 here
   }
-  L.total = o;
+  L.total = regions.total();
   return L;
 }
 
@@ -95,6 +91,7 @@ __global__ void __launch_bounds__(kDlogitsThreads)
                    const float* __restrict__ dgates, const float* __restrict__ z_r,
                    const float* __restrict__ z_c, float* __restrict__ dz_r,
                    float* __restrict__ dz_c, char* __restrict__ global_acc) {
+  kernel_prologue();
   extern __shared__ __align__(16) char smem[];
   __shared__ float fscratch[kMaxWarps];
   __shared__ int iscratch[kMaxWarps];
@@ -103,6 +100,7 @@ __global__ void __launch_bounds__(kDlogitsThreads)
       kShared ? smem : global_acc + static_cast<size_t>(blockIdx.x) * columns * 8);
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const uint32_t n_experts = static_cast<uint32_t>(nr) * static_cast<uint32_t>(nc);
+  BadExpertId bad_id;
 
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     const float* g = gates + t * k;
@@ -131,8 +129,9 @@ __global__ void __launch_bounds__(kDlogitsThreads)
     for (int i = tid; i < columns; i += nthreads) acc[i] = 0ull;
     __syncthreads();
     for (int i = tid; i < k; i += nthreads) {
-      const uint32_t id = static_cast<uint32_t>(idx[i]);
-      if (id >= n_experts) continue;  // not a valid expert id: contributes nothing
+      const int32_t id_or_skip = expert_id_or_skip(idx[i], n_experts, bad_id);
+      if (id_or_skip < 0) continue;
+      const uint32_t id = static_cast<uint32_t>(id_or_skip);
       const uint32_t r = id / static_cast<uint32_t>(nc);
       const uint32_t c = id - r * nc;
       const float v = gate_grad(g, dg, i, sgd, joint);
@@ -173,6 +172,7 @@ __global__ void __launch_bounds__(kDlogitsThreads)
     }
     __syncthreads();  // acc is reused by the next token
   }
+  report_bad_expert_id(bad_id, n_experts, "router_backward");
 }
 
 // The same for K <= 32 and axes of up to 1024, a warp per token and no shared memory. dlogp is
@@ -188,6 +188,7 @@ __global__ void __launch_bounds__(kDlogitsWarps * 32)
                         const float* __restrict__ dgates, const float* __restrict__ z_r,
                         const float* __restrict__ z_c, float* __restrict__ dz_r,
                         float* __restrict__ dz_c) {
+  kernel_prologue();
   using Row = WarpRow<kItems, kVec>;
   const int lane = threadIdx.x & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kDlogitsWarps + (threadIdx.x >> 5);
@@ -195,13 +196,14 @@ __global__ void __launch_bounds__(kDlogitsWarps * 32)
   const uint32_t n_experts = static_cast<uint32_t>(nr) * static_cast<uint32_t>(nc);
   float g = 0.0f, dg = 0.0f;
   uint32_t id = 0xffffffffu;
+  BadExpertId bad_id;
   if (lane < k) {
     g = gates[t * k + lane];
     dg = dgates[t * k + lane];
-    id = static_cast<uint32_t>(indices[t * k + lane]);
+    id = static_cast<uint32_t>(expert_id_or_skip(indices[t * k + lane], n_experts, bad_id));
   }
   const float sgd = joint ? 0.0f : warp_sum(g * dg);
-  const bool valid = id < n_experts;  // an id out of range contributes nothing
+  const bool valid = id < n_experts;  // a lane past k, or a bad id (reported at the end)
   const float ds = valid ? gate_grad(&g, &dg, 0, sgd, joint) : 0.0f;
   const float total = warp_sum(ds);
   const int r = valid ? static_cast<int>(id / static_cast<uint32_t>(nc)) : -1;
@@ -228,6 +230,7 @@ __global__ void __launch_bounds__(kDlogitsWarps * 32)
     const int j = a == 0 ? r : c;
     if (valid) dz[j] = (a == 0 ? sum_r : sum_c) - expf(z[j] - lse) * total;
   }
+  report_bad_expert_id(bad_id, n_experts, "router_backward");
 }
 
 // dL[t, c] in the compute type: batch-norm backward of dz (two dense f32 [T, n] halves). A thread
@@ -241,6 +244,7 @@ __global__ void norm_backward_kernel(int64_t tokens, int nr, int nc, int mode,
                                      const float* __restrict__ rstd_c,
                                      const float* __restrict__ sum_dy,
                                      const float* __restrict__ sum_dyy, CT* __restrict__ dl) {
+  kernel_prologue();
   const int columns = nr + nc;
   const int groups_r = nr / kWidth, groups = columns / kWidth;
   const int64_t n = tokens * groups;
@@ -278,16 +282,27 @@ __global__ void norm_backward_kernel(int64_t tokens, int nr, int nc, int mode,
   }
 }
 
-// dst[r, :] = src[r, :] converted, for row-strided matrices.
+// Row-strided source rows, the first `split` from a and the rest from b (two matrices stacked
+// in one launch).
+template <typename Src>
+struct StackedRows {
+  const Src* a;
+  int64_t a_ld, split;
+  const Src* b;
+  int64_t b_ld;
+};
+
+// dst[r, :] = src row r converted.
 template <typename Src, typename Dst>
-__global__ void convert_rows_kernel(const Src* __restrict__ src, int64_t src_ld,
-                                    Dst* __restrict__ dst, int64_t dst_ld, int64_t rows,
-                                    int64_t cols) {
+__global__ void convert_rows_kernel(StackedRows<Src> src, Dst* __restrict__ dst, int64_t dst_ld,
+                                    int64_t rows, int64_t cols) {
+  kernel_prologue();
   const int64_t n = rows * cols;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i - r * cols;
-    dst[r * dst_ld + c] = store_float<Dst>(load_float(src[r * src_ld + c]));
+    const Src v = r < src.split ? src.a[r * src.a_ld + c] : src.b[(r - src.split) * src.b_ld + c];
+    dst[r * dst_ld + c] = store_float<Dst>(load_float(v));
   }
 }
 
@@ -295,6 +310,7 @@ __global__ void convert_rows_kernel(const Src* __restrict__ src, int64_t src_ld,
 template <typename T>
 __global__ void store_result_kernel(const float* __restrict__ src, T* __restrict__ dst,
                                     int64_t dst_ld, int64_t rows, int64_t cols, bool accumulate) {
+  kernel_prologue();
   const int64_t n = rows * cols;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -311,12 +327,12 @@ unsigned grid_for(int64_t n, int threads) {
 }
 
 template <typename Src, typename Dst>
-void convert_rows(const void* src, int64_t src_ld, void* dst, int64_t dst_ld, int64_t rows,
+void convert_rows(const StackedRows<Src>& src, void* dst, int64_t dst_ld, int64_t rows,
                   int64_t cols, cudaStream_t stream) {
   if (rows * cols == 0) return;
-  convert_rows_kernel<Src, Dst><<<grid_for(rows * cols, 256), 256, 0, stream>>>(
-      static_cast<const Src*>(src), src_ld, static_cast<Dst*>(dst), dst_ld, rows, cols);
-  OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (convert)");
+  launch_kernel("router_backward (convert)", convert_rows_kernel<Src, Dst>,
+                dim3(grid_for(rows * cols, 256)), dim3(256), 0, stream, src, static_cast<Dst*>(dst),
+                dst_ld, rows, cols);
 }
 
 void zero_matrix(const TensorView& m, cudaStream_t stream) {
@@ -368,10 +384,11 @@ void router_backward(const LayerConfig& cfg, const TensorView& x, const RouterWe
   if (k <= 32 && nr <= 1024 && nc <= 1024) {
     const unsigned grid = static_cast<unsigned>(ceil_div(tokens, kDlogitsWarps));
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kDlogitsWarps * 32, 0, stream>>>(
-          tokens, nr, nc, k, joint, static_cast<const int32_t*>(out.indices.data),
-          static_cast<const float*>(out.gates.data), static_cast<const float*>(dgates.data), z_r,
-          z_c, dz_r, dz_c);
+      launch_kernel("router_backward (log_softmax backward)", kernel, dim3(grid),
+                    dim3(kDlogitsWarps * 32), 0, stream, tokens, nr, nc, k, joint,
+                    static_cast<const int32_t*>(out.indices.data),
+                    static_cast<const float*>(out.gates.data),
+                    static_cast<const float*>(dgates.data), z_r, z_c, dz_r, dz_c);
     };
     const int items = warp_row_items(std::max(nr, nc));
     if (vector_rows(z_r, nr) && vector_rows(z_c, nc)) {  // dz: workspace, aligned
@@ -428,30 +445,35 @@ void router_backward(const LayerConfig& cfg, const TensorView& x, const RouterWe
   dispatch_storage(ct, [&](auto tag) {
     using CT = decltype(tag);
     if (vec4) {
-      norm_backward_kernel<CT, 4><<<grid_for(tokens * columns / 4, 256), 256, 0, stream>>>(
-          tokens, nr, nc, mode, dz_r, dz_c, z_r, z_c, rstd_r, rstd_c, sum_dy, sum_dyy,
-          static_cast<CT*>(dl));
+      launch_kernel("router_backward (batch-norm backward)", norm_backward_kernel<CT, 4>,
+                    dim3(grid_for(tokens * columns / 4, 256)), dim3(256), 0, stream, tokens, nr,
+                    nc, mode, dz_r, dz_c, z_r, z_c, rstd_r, rstd_c, sum_dy, sum_dyy,
+                    static_cast<CT*>(dl));
     } else {
-      norm_backward_kernel<CT, 1><<<grid_for(tokens * columns, 256), 256, 0, stream>>>(
-          tokens, nr, nc, mode, dz_r, dz_c, z_r, z_c, rstd_r, rstd_c, sum_dy, sum_dyy,
-          static_cast<CT*>(dl));
+      launch_kernel("router_backward (batch-norm backward)", norm_backward_kernel<CT, 1>,
+                    dim3(grid_for(tokens * columns, 256)), dim3(256), 0, stream, tokens, nr, nc,
+                    mode, dz_r, dz_c, z_r, z_c, rstd_r, rstd_c, sum_dy, sum_dyy,
+                    static_cast<CT*>(dl));
     }
-    OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (batch-norm backward)");
   });
 
-  // 3. [W_r; W_c] (and x, for f16) in the compute type.
+  // 3. [W_r; W_c] (and x, for f16) in the compute type; no copy when W_c follows W_r in memory.
+  const TensorView w_stacked = stacked_rows(weights.row, weights.col);
+  const bool copy_w = ct != xt || w_stacked.data == nullptr;
   void* w_cat = ws + L.w;
   const size_t ct_size = dtype_size(ct);
   dispatch_storage(xt, [&](auto src_tag) {
     using Src = decltype(src_tag);
     dispatch_storage(ct, [&](auto dst_tag) {
       using Dst = decltype(dst_tag);
-      convert_rows<Src, Dst>(weights.row.data, weights.row.strides[0], w_cat, d, nr, d, stream);
-      convert_rows<Src, Dst>(weights.col.data, weights.col.strides[0],
-                             static_cast<char*>(w_cat) + static_cast<size_t>(nr) * d * ct_size,
-                             d, nc, d, stream);
+      const StackedRows<Src> w{static_cast<const Src*>(weights.row.data), weights.row.strides[0],
+                               nr, static_cast<const Src*>(weights.col.data),
+                               weights.col.strides[0]};
+      if (copy_w) convert_rows<Src, Dst>(w, w_cat, d, columns, d, stream);
       if (ct != xt) {
-        convert_rows<Src, Dst>(x.data, x.strides[0], ws + L.x, d, tokens, d, stream);
+        const Src* xs = static_cast<const Src*>(x.data);
+        convert_rows<Src, Dst>({xs, x.strides[0], tokens, xs, x.strides[0]}, ws + L.x, d, tokens, d,
+                               stream);
       }
     });
   });
@@ -461,12 +483,17 @@ void router_backward(const LayerConfig& cfg, const TensorView& x, const RouterWe
       view(static_cast<char*>(dl) + static_cast<size_t>(nr) * ct_size, ct, tokens, nc, columns,
            dev);
   const TensorView dl_all = view(dl, ct, tokens, columns, columns, dev);
-  const TensorView w_all = view(w_cat, ct, columns, d, d, dev);
+  const TensorView w_all = copy_w ? view(w_cat, ct, columns, d, d, dev) : w_stacked;
 
-  // 4. The GEMMs.
+  // 4. The GEMMs: both weight gradients in one when grads.col follows grads.row in memory.
+  const TensorView grads_stacked = stacked_rows(grads.row, grads.col);
   if (ct == xt) {
-    gemm(dl_r, true, x_ct, false, grads.row, 1.0f, 0.0f, gemm_ws, exec);
-    gemm(dl_c, true, x_ct, false, grads.col, 1.0f, 0.0f, gemm_ws, exec);
+    if (grads_stacked.data != nullptr) {
+      gemm(dl_all, true, x_ct, false, grads_stacked, 1.0f, 0.0f, gemm_ws, exec);
+    } else {
+      gemm(dl_r, true, x_ct, false, grads.row, 1.0f, 0.0f, gemm_ws, exec);
+      gemm(dl_c, true, x_ct, false, grads.col, 1.0f, 0.0f, gemm_ws, exec);
+    }
     gemm(dl_all, false, w_all, false, dx, 1.0f, accumulate_dx ? 1.0f : 0.0f, gemm_ws, exec);
     return;
   }
@@ -479,12 +506,18 @@ void router_backward(const LayerConfig& cfg, const TensorView& x, const RouterWe
       OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (store)");
     });
   };
-  gemm(dl_r, true, x_ct, false, view(tmp, DType::f32, nr, d, d, dev), 1.0f, 0.0f, gemm_ws, exec);
-  finish(grads.row, nr, false);
-  gemm(dl_c, true, x_ct, false, view(tmp, DType::f32, nc, d, d, dev), 1.0f, 0.0f, gemm_ws, exec);
-  finish(grads.col, nc, false);
-  gemm(dl_all, false, w_all, false, view(tmp, DType::f32, tokens, d, d, dev), 1.0f, 0.0f,
-       gemm_ws, exec);
+  if (grads_stacked.data != nullptr) {
+    gemm(dl_all, true, x_ct, false, view(tmp, DType::f32, columns, d, d, dev), 1.0f, 0.0f, gemm_ws,
+         exec);
+    finish(grads_stacked, columns, false);
+  } else {
+    gemm(dl_r, true, x_ct, false, view(tmp, DType::f32, nr, d, d, dev), 1.0f, 0.0f, gemm_ws, exec);
+    finish(grads.row, nr, false);
+    gemm(dl_c, true, x_ct, false, view(tmp, DType::f32, nc, d, d, dev), 1.0f, 0.0f, gemm_ws, exec);
+    finish(grads.col, nc, false);
+  }
+  gemm(dl_all, false, w_all, false, view(tmp, DType::f32, tokens, d, d, dev), 1.0f, 0.0f, gemm_ws,
+       exec);
   finish(dx, tokens, accumulate_dx);
 }
 

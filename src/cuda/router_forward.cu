@@ -19,7 +19,6 @@ namespace {
 using namespace router_detail;
 
 constexpr size_t kAlign = 256;
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 struct ForwardLayout {
   size_t gemm = 0, logp_r = 0, logp_c = 0, stats = 0, partials = 0, select = 0, logits64 = 0,
@@ -28,22 +27,17 @@ struct ForwardLayout {
 
 ForwardLayout forward_layout(const LayerConfig& cfg, int64_t tokens, DType dtype) {
   ForwardLayout L;
-  size_t o = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = o;
-    o += align_up(bytes);
-    return at;
-  };
+  RegionOffsets regions(kAlign);
   const size_t columns = static_cast<size_t>(cfg.grid_rows + cfg.grid_cols);
-  L.gemm = take(gemm_workspace_bytes());
-  L.logp_r = take(static_cast<size_t>(tokens * cfg.grid_rows) * sizeof(float));
-  L.logp_c = take(static_cast<size_t>(tokens * cfg.grid_cols) * sizeof(float));
-  L.stats = take(norm_stats_bytes(static_cast<int64_t>(columns)));
-  L.partials = take(column_partials_bytes(tokens, static_cast<int64_t>(columns)));
-  L.select = take(select_workspace_bytes(cfg, tokens));
+  L.gemm = regions.take(gemm_workspace_bytes());
+  L.logp_r = regions.take(static_cast<size_t>(tokens * cfg.grid_rows) * sizeof(float));
+  L.logp_c = regions.take(static_cast<size_t>(tokens * cfg.grid_cols) * sizeof(float));
+  L.stats = regions.take(norm_stats_bytes(static_cast<int64_t>(columns)));
+  L.partials = regions.take(column_partials_bytes(tokens, static_cast<int64_t>(columns)));
+  L.select = regions.take(select_workspace_bytes(cfg, tokens));
   // f64 GEMMs write f64 only: their logits pass through here on the way to the f32 saved ones.
-  if (dtype == DType::f64) L.logits64 = take(static_cast<size_t>(tokens) * columns * 8);
-  L.total = o;
+  if (dtype == DType::f64) L.logits64 = regions.take(static_cast<size_t>(tokens) * columns * 8);
+  L.total = regions.total();
   return L;
 }
 
@@ -51,6 +45,7 @@ constexpr int kWarpsPerBlock = 8;
 
 __global__ void f64_to_f32_kernel(const double* __restrict__ src, float* __restrict__ dst,
                                   int64_t n) {
+  kernel_prologue();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     dst[i] = static_cast<float>(src[i]);
@@ -82,6 +77,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     normalize_log_softmax_kernel(float* row_logits, float* col_logits, int nr, int nc,
                                  int64_t tokens, const float* stats, float* logp_r,
                                  float* logp_c) {
+  kernel_prologue();
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (w >= 2 * tokens) return;
@@ -116,6 +112,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     normalize_log_softmax_rows_kernel(float* row_logits, float* col_logits, int nr, int nc,
                                       int64_t tokens, const float* stats, float* logp_r,
                                       float* logp_c) {
+  kernel_prologue();
   using Row = WarpRow<kItems, kVec>;
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -144,14 +141,15 @@ void launch_normalize_log_softmax(float* row_logits, float* col_logits, int nr, 
   const unsigned grid = static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock));
   const int n = std::max(nr, nc);
   if (n > 1024) {
-    normalize_log_softmax_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-        row_logits, col_logits, nr, nc, tokens, stats, logp_r, logp_c);
-    OMNIMOE_CUDA_CHECK_LAUNCH("router_forward (normalise, log_softmax)");
+    launch_kernel("router_forward (normalise, log_softmax)", normalize_log_softmax_kernel,
+                  dim3(grid), dim3(kWarpsPerBlock * 32), 0, stream, row_logits, col_logits, nr, nc,
+                  tokens, stats, logp_r, logp_c);
     return;
   }
   auto launch = [&](auto kernel) {
-    kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(row_logits, col_logits, nr, nc, tokens,
-                                                    stats, logp_r, logp_c);
+    launch_kernel("router_forward (normalise, log_softmax)", kernel, dim3(grid),
+                  dim3(kWarpsPerBlock * 32), 0, stream, row_logits, col_logits, nr, nc, tokens,
+                  stats, logp_r, logp_c);
   };
   const bool vec = vector_rows(row_logits, nr) && vector_rows(col_logits, nc) &&
                    vector_rows(logp_r, nr) && vector_rows(logp_c, nc);
@@ -167,7 +165,6 @@ void launch_normalize_log_softmax(float* row_logits, float* col_logits, int nr, 
     else if (items == 16) launch(normalize_log_softmax_rows_kernel<16, false>);
     else launch(normalize_log_softmax_rows_kernel<32, false>);
   }
-  OMNIMOE_CUDA_CHECK_LAUNCH("router_forward (normalise, log_softmax)");
 }
 
 // OMNIMOE_ROUTER_FORWARD=unfused runs the normalise kernel and the selection apart where they

@@ -62,6 +62,7 @@ __device__ __forceinline__ float rows_sum(const float (*red)[kCols + 1], int c) 
 template <int kWidth>
 __global__ void __launch_bounds__(kTileLanes* kTileRows)
     norm_moments_kernel(ColumnPair x, int64_t tokens, int tiles_a, float* partials) {
+  kernel_prologue();
   constexpr int kCols = kTileLanes * kWidth;
   __shared__ float red[kTileRows][kCols + 1];
   __shared__ float chunk_mean[kCols];
@@ -151,6 +152,7 @@ __global__ void __launch_bounds__(kFinalWarps * 32)
                                int nb, float eps, float momentum, float* run_mean_a,
                                float* run_var_a, float* run_mean_b, float* run_var_b,
                                float* stats, float* rstd_a, float* rstd_b) {
+  kernel_prologue();
   __shared__ double red[kFinalWarps][33];
   const int columns = na + nb;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -194,6 +196,7 @@ __global__ void norm_eval_kernel(int na, int nb, float eps, const float* run_mea
                                  const float* run_var_a, const float* run_mean_b,
                                  const float* run_var_b, float* stats, float* rstd_a,
                                  float* rstd_b) {
+  kernel_prologue();
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int columns = na + nb;
   if (c >= columns) return;
@@ -213,6 +216,7 @@ template <int kWidth>
 __global__ void __launch_bounds__(kTileLanes* kTileRows)
     norm_grad_partial_kernel(ColumnPair dy, ColumnPair y, int64_t tokens, int tiles_a,
                              float* partials) {
+  kernel_prologue();
   constexpr int kCols = kTileLanes * kWidth;
   __shared__ float red[2][kTileRows][kCols + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -260,6 +264,7 @@ __global__ void __launch_bounds__(kTileLanes* kTileRows)
 __global__ void __launch_bounds__(kFinalWarps * 32)
     norm_grad_finalize_kernel(const float* partials, int64_t chunks, int columns, float* sum_dy,
                               float* sum_dyy) {
+  kernel_prologue();
   __shared__ double red[kFinalWarps][33];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int c = blockIdx.x * 32 + lane;
@@ -310,18 +315,19 @@ void launch_norm_train_stats(ColumnPair logits, int64_t tokens, float eps, float
   int tiles_a = 0;
   const dim3 block(kTileLanes, kTileRows);
   if (vector_pair(logits)) {
-    norm_moments_kernel<4><<<reduction_grid<4>(logits, tokens, &tiles_a), block, 0, stream>>>(
-        logits, tokens, tiles_a, partials);
+    const dim3 grid = reduction_grid<4>(logits, tokens, &tiles_a);
+    launch_kernel("router_forward (batch-norm moments)", norm_moments_kernel<4>, grid, block, 0,
+                  stream, logits, tokens, tiles_a, partials);
   } else {
-    norm_moments_kernel<1><<<reduction_grid<1>(logits, tokens, &tiles_a), block, 0, stream>>>(
-        logits, tokens, tiles_a, partials);
+    const dim3 grid = reduction_grid<1>(logits, tokens, &tiles_a);
+    launch_kernel("router_forward (batch-norm moments)", norm_moments_kernel<1>, grid, block, 0,
+                  stream, logits, tokens, tiles_a, partials);
   }
-  OMNIMOE_CUDA_CHECK_LAUNCH("router_forward (batch-norm moments)");
-  norm_train_finalize_kernel<<<static_cast<unsigned>(ceil_div(columns, 32)), kFinalWarps * 32, 0,
-                               stream>>>(
-      partials, chunk_count(tokens), tokens, logits.na, logits.nb, eps, momentum, run_mean_a,
-      run_var_a, run_mean_b, run_var_b, stats, rstd_a, rstd_b);
-  OMNIMOE_CUDA_CHECK_LAUNCH("router_forward (batch-norm statistics)");
+  launch_kernel("router_forward (batch-norm statistics)", norm_train_finalize_kernel,
+                dim3(static_cast<unsigned>(ceil_div(columns, 32))), dim3(kFinalWarps * 32), 0,
+                stream, static_cast<const float*>(partials), chunk_count(tokens), tokens,
+                logits.na, logits.nb, eps, momentum, run_mean_a, run_var_a, run_mean_b, run_var_b,
+                stats, rstd_a, rstd_b);
 }
 
 void launch_norm_eval_stats(int na, int nb, float eps, const float* run_mean_a,
@@ -339,17 +345,18 @@ void launch_norm_grad_sums(ColumnPair dy, ColumnPair y, int64_t tokens, float* s
   int tiles_a = 0;
   const dim3 block(kTileLanes, kTileRows);
   if (vector_pair(dy) && vector_pair(y)) {
-    norm_grad_partial_kernel<4><<<reduction_grid<4>(dy, tokens, &tiles_a), block, 0, stream>>>(
-        dy, y, tokens, tiles_a, partials);
+    const dim3 grid = reduction_grid<4>(dy, tokens, &tiles_a);
+    launch_kernel("router_backward (batch-norm gradient sums)", norm_grad_partial_kernel<4>, grid,
+                  block, 0, stream, dy, y, tokens, tiles_a, partials);
   } else {
-    norm_grad_partial_kernel<1><<<reduction_grid<1>(dy, tokens, &tiles_a), block, 0, stream>>>(
-        dy, y, tokens, tiles_a, partials);
+    const dim3 grid = reduction_grid<1>(dy, tokens, &tiles_a);
+    launch_kernel("router_backward (batch-norm gradient sums)", norm_grad_partial_kernel<1>, grid,
+                  block, 0, stream, dy, y, tokens, tiles_a, partials);
   }
-  OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (batch-norm gradient sums)");
-  norm_grad_finalize_kernel<<<static_cast<unsigned>(ceil_div(columns, 32)), kFinalWarps * 32, 0,
-                              stream>>>(
-      partials, chunk_count(tokens), columns, sum_dy, sum_dyy);
-  OMNIMOE_CUDA_CHECK_LAUNCH("router_backward (batch-norm gradient totals)");
+  launch_kernel("router_backward (batch-norm gradient totals)", norm_grad_finalize_kernel,
+                dim3(static_cast<unsigned>(ceil_div(columns, 32))), dim3(kFinalWarps * 32), 0,
+                stream, static_cast<const float*>(partials), chunk_count(tokens), columns, sum_dy,
+                sum_dyy);
 }
 
 }  // namespace omnimoe::cuda::router_detail

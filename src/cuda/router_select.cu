@@ -88,8 +88,6 @@ struct SelectShape {
       o_rid_c, o_g, o_e, o_gp, o_ep, o_out, o_tmp, o_cnt, o_scratch, bytes;
 };
 
-size_t align16(size_t n) { return (n + 15) / 16 * 16; }
-
 SelectShape make_select_shape(const LayerConfig& cfg) {
   SelectShape s{};
   s.nr = static_cast<int>(cfg.grid_rows);
@@ -113,31 +111,26 @@ SelectShape make_select_shape(const LayerConfig& cfg) {
   s.buckets = std::max({bucket_count(static_cast<uint32_t>(s.nr)),
                         bucket_count(static_cast<uint32_t>(s.nc)), bucket_count(s.cap_r),
                         bucket_count(s.cap_c), bucket_count(static_cast<uint32_t>(s.k))});
-  size_t o = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = o;
-    o += align16(bytes);
-    return at;
-  };
-  s.o_scratch = take(sizeof(Scratch));
-  s.o_keys_r = take(4ull * s.nr);
-  s.o_keys_c = take(4ull * s.nc);
-  s.o_vals_r = take(4ull * s.nr);
-  s.o_vals_c = take(4ull * s.nc);
-  s.o_cand_r = take(8ull * (s.cap_r + s.cap_c));  // one block: it doubles as the tie buffer
+  RegionOffsets regions(16);
+  s.o_scratch = regions.take(sizeof(Scratch));
+  s.o_keys_r = regions.take(4ull * s.nr);
+  s.o_keys_c = regions.take(4ull * s.nc);
+  s.o_vals_r = regions.take(4ull * s.nr);
+  s.o_vals_c = regions.take(4ull * s.nc);
+  s.o_cand_r = regions.take(8ull * (s.cap_r + s.cap_c));  // one block: it doubles as the tie buffer
   s.o_cand_c = s.o_cand_r + 8ull * s.cap_r;
-  s.o_rv_r = take(4ull * s.lr);
-  s.o_rid_r = take(4ull * s.lr);
-  s.o_rv_c = take(4ull * s.lc);
-  s.o_rid_c = take(4ull * s.lc);
-  s.o_g = take(4ull * s.ra);
-  s.o_e = take(4ull * s.ra);
-  s.o_gp = take(4ull * (s.ra + 1));
-  s.o_ep = take(4ull * (s.ra + 1));
-  s.o_out = take(8ull * s.pk);
-  s.o_tmp = take(8ull * s.tmp_len);
-  s.o_cnt = take(4ull * (s.buckets + 1));
-  s.bytes = o;
+  s.o_rv_r = regions.take(4ull * s.lr);
+  s.o_rid_r = regions.take(4ull * s.lr);
+  s.o_rv_c = regions.take(4ull * s.lc);
+  s.o_rid_c = regions.take(4ull * s.lc);
+  s.o_g = regions.take(4ull * s.ra);
+  s.o_e = regions.take(4ull * s.ra);
+  s.o_gp = regions.take(4ull * (s.ra + 1));
+  s.o_ep = regions.take(4ull * (s.ra + 1));
+  s.o_out = regions.take(8ull * s.pk);
+  s.o_tmp = regions.take(8ull * s.tmp_len);
+  s.o_cnt = regions.take(4ull * (s.buckets + 1));
+  s.bytes = regions.total();
   return s;
 }
 
@@ -642,6 +635,7 @@ __global__ void __launch_bounds__(kShared ? kMaxThreads : kGlobalThreads, kShare
                        const float* __restrict__ col_logp, int32_t* __restrict__ indices,
                        float* __restrict__ scores, float* __restrict__ gates, GateMode mode,
                        char* __restrict__ global_buffers, const int* __restrict__ left) {
+  kernel_prologue();
   extern __shared__ __align__(16) char smem[];
   __shared__ unsigned left_mask[kMaxWarps];
   char* base = kShared ? smem : global_buffers + static_cast<size_t>(blockIdx.x) * sh.bytes;
@@ -730,28 +724,23 @@ BucketShape make_bucket_shape(const SelectShape& s) {
   const size_t ids_bytes = std::max<size_t>(4ull * s.k, 8ull * axis_cap);
   b.whole = s.lr == s.nr && s.lc == s.nc && next_pow2(both) <= buf_len &&
             8ull * both <= ids_bytes && bucket_count(both) + 1 <= cnt_len;
-  size_t o = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = o;
-    o += align16(bytes);
-    return at;
-  };
-  b.o_scratch = take(sizeof(Scratch));
-  b.o_red = take(4ull * 2 * (kPassThresholds + 1) * kMaxWarps);
-  b.o_keys_r = take(4ull * s.nr);
-  b.o_keys_c = take(4ull * s.nc);
-  b.o_vals_r = take(4ull * s.nr);
-  b.o_vals_c = take(4ull * s.nc);
-  b.o_rv_r = take(4ull * s.lr);
-  b.o_rid_r = take(4ull * s.lr);
-  b.o_rv_c = take(4ull * s.lc);
-  b.o_rid_c = take(4ull * s.lc);
-  b.o_g = take(4ull * s.ra);
-  b.o_gp = take(4ull * (s.ra + 1));
-  b.o_cnt = take(4ull * cnt_len);
-  b.o_buf = take(8ull * buf_len);  // the axis candidates, then the buckets that reach slot K
-  b.o_ids = take(ids_bytes);       // the axis sort's second buffer, then the K ids in order
-  b.bytes = o;
+  RegionOffsets regions(16);
+  b.o_scratch = regions.take(sizeof(Scratch));
+  b.o_red = regions.take(4ull * 2 * (kPassThresholds + 1) * kMaxWarps);
+  b.o_keys_r = regions.take(4ull * s.nr);
+  b.o_keys_c = regions.take(4ull * s.nc);
+  b.o_vals_r = regions.take(4ull * s.nr);
+  b.o_vals_c = regions.take(4ull * s.nc);
+  b.o_rv_r = regions.take(4ull * s.lr);
+  b.o_rid_r = regions.take(4ull * s.lr);
+  b.o_rv_c = regions.take(4ull * s.lc);
+  b.o_rid_c = regions.take(4ull * s.lc);
+  b.o_g = regions.take(4ull * s.ra);
+  b.o_gp = regions.take(4ull * (s.ra + 1));
+  b.o_cnt = regions.take(4ull * cnt_len);
+  b.o_buf = regions.take(8ull * buf_len);  // axis candidates, then the buckets reaching slot K
+  b.o_ids = regions.take(ids_bytes);       // the axis sort's second buffer, then the K ids
+  b.bytes = regions.total();
   return b;
 }
 
@@ -881,6 +870,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
                               const float* __restrict__ col_logp, int32_t* __restrict__ indices,
                               float* __restrict__ scores, float* __restrict__ gates,
                               GateMode mode, int* __restrict__ left) {
+  kernel_prologue();
   extern __shared__ __align__(16) char base[];
   Scratch* sc = reinterpret_cast<Scratch*>(base + sh.o_scratch);
   int* red = reinterpret_cast<int*>(base + sh.o_red);
@@ -1359,6 +1349,7 @@ size_t warp_kernel_smem(const SelectShape& sh) {
 template <int kItems, bool kVec, bool kFused, int kMinCtas>
 __global__ void __launch_bounds__(kWarpsPerCta * 32, kMinCtas)
     select_topk_warp_kernel(const __grid_constant__ WarpSelectArgs args) {
+  kernel_prologue();
   extern __shared__ __align__(16) char smem[];
   __shared__ int left[kWarpsPerCta];
   using Row = WarpRow<kItems, kVec>;
@@ -1463,7 +1454,9 @@ void launch_warp_select(const WarpSelectArgs& args, bool vec, cudaStream_t strea
       OMNIMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(smem)));
     }
-    kernel<<<grid, kWarpsPerCta * 32, smem, stream>>>(args);
+    launch_kernel(kFused ? "router_forward (normalise, log_softmax, select)"
+                         : "router_select_topk (warp per token)",
+                  kernel, dim3(grid), dim3(kWarpsPerCta * 32), smem, stream, args);
   };
   auto launch_items = [&](auto vec_tag) {
     constexpr bool kVec = decltype(vec_tag)::value;
@@ -1483,8 +1476,6 @@ void launch_warp_select(const WarpSelectArgs& args, bool vec, cudaStream_t strea
   } else {
     launch_items(std::false_type{});
   }
-  OMNIMOE_CUDA_CHECK_LAUNCH(kFused ? "router_forward (normalise, log_softmax, select)"
-                                   : "router_select_topk (warp per token)");
 }
 
 // 16-byte rows: every lane holds values of both axes (N >= 128) and the rows are aligned.
@@ -1560,13 +1551,13 @@ void launch_select(const LayerConfig& cfg, int64_t tokens, const float* row_logp
           OMNIMOE_CUDA_CHECK(cudaFuncSetAttribute(
               kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bs.bytes)));
         }
-        kernel<<<static_cast<unsigned>(tokens), bs.threads, bs.bytes, stream>>>(
-            bs, row_logp, col_logp, indices, scores, gates, mode, left);
+        launch_kernel("router_select_topk (buckets)", kernel, dim3(static_cast<unsigned>(tokens)),
+                      dim3(bs.threads), bs.bytes, stream, bs, row_logp, col_logp, indices, scores,
+                      gates, mode, left);
       };
       if (bs.threads == 128) launch(select_topk_bucket_kernel<128, 8>);
       else if (bs.threads == 256) launch(select_topk_bucket_kernel<256, 4>);
       else launch(select_topk_bucket_kernel<512, 2>);
-      OMNIMOE_CUDA_CHECK_LAUNCH("router_select_topk (buckets)");
       // The few tokens left (ties at tau the candidates cannot settle): a small persistent grid.
       grid = static_cast<unsigned>(std::min<int64_t>(tokens, kLeftCtas));
     }
@@ -1575,15 +1566,16 @@ void launch_select(const LayerConfig& cfg, int64_t tokens, const float* row_logp
                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(sh.bytes)));
     }
-    select_topk_kernel<true><<<grid, sh.threads, sh.bytes, stream>>>(
-        sh, tokens, row_logp, col_logp, indices, scores, gates, mode, nullptr, left);
+    launch_kernel("router_select_topk", select_topk_kernel<true>, dim3(grid), dim3(sh.threads),
+                  sh.bytes, stream, sh, tokens, row_logp, col_logp, indices, scores, gates, mode,
+                  static_cast<char*>(nullptr), static_cast<const int*>(left));
   } else {
     const int grid = static_cast<int>(std::min<int64_t>(tokens, kGlobalCtas));
-    select_topk_kernel<false><<<grid, std::min(sh.threads, kGlobalThreads), 0, stream>>>(
-        sh, tokens, row_logp, col_logp, indices, scores, gates, mode,
-        static_cast<char*>(workspace), nullptr);
+    launch_kernel("router_select_topk", select_topk_kernel<false>, dim3(grid),
+                  dim3(std::min(sh.threads, kGlobalThreads)), 0, stream, sh, tokens, row_logp,
+                  col_logp, indices, scores, gates, mode, static_cast<char*>(workspace),
+                  static_cast<const int*>(nullptr));
   }
-  OMNIMOE_CUDA_CHECK_LAUNCH("router_select_topk");
 }
 }  // namespace omnimoe::cuda::router_detail
 

@@ -23,7 +23,6 @@ namespace omnimoe::cuda {
 namespace {
 
 constexpr size_t kAlign = 256;
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 int key_bits(int64_t experts) {
   int b = 1;
@@ -60,16 +59,11 @@ ScheduleLayout schedule_layout(const LayerConfig& cfg, int64_t tokens) {
     OMNIMOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, L.scan_temp_bytes,
                                                      static_cast<const int32_t*>(nullptr),
                                                      static_cast<int32_t*>(nullptr), cells));
-    size_t o = 0;
-    auto take = [&](size_t bytes) {
-      const size_t at = o;
-      o += align_up(bytes);
-      return at;
-    };
-    L.tile_counts = take(static_cast<size_t>(cells) * 4);
-    L.tile_first = take(static_cast<size_t>(cells) * 4);
-    L.scan_temp = take(L.scan_temp_bytes);
-    L.total = o;
+    RegionOffsets regions(kAlign);
+    L.tile_counts = regions.take(static_cast<size_t>(cells) * 4);
+    L.tile_first = regions.take(static_cast<size_t>(cells) * 4);
+    L.scan_temp = regions.take(L.scan_temp_bytes);
+    L.total = regions.total();
     return L;
   }
   if (pairs > 0) {
@@ -81,34 +75,30 @@ ScheduleLayout schedule_layout(const LayerConfig& cfg, int64_t tokens) {
   OMNIMOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, L.scan_temp_bytes,
                                                    static_cast<const int32_t*>(nullptr),
                                                    static_cast<int32_t*>(nullptr), experts + 1));
-  size_t o = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = o;
-    o += align_up(bytes);
-    return at;
-  };
+  RegionOffsets regions(kAlign);
   const size_t pair_bytes = static_cast<size_t>(pairs) * 4;
-  L.keys_a = take(pair_bytes);
-  L.keys_b = take(pair_bytes);
-  L.values_b = take(pair_bytes);
-  L.counts = take((static_cast<size_t>(experts) + 1) * 4);
-  L.sort_temp = take(L.sort_temp_bytes);
-  L.scan_temp = take(L.scan_temp_bytes);
-  L.total = o;
+  L.keys_a = regions.take(pair_bytes);
+  L.keys_b = regions.take(pair_bytes);
+  L.values_b = regions.take(pair_bytes);
+  L.counts = regions.take((static_cast<size_t>(experts) + 1) * 4);
+  L.sort_temp = regions.take(L.sort_temp_bytes);
+  L.scan_temp = regions.take(L.scan_temp_bytes);
+  L.total = regions.total();
   return L;
 }
 
-// counts[e] = pairs of expert e; ids outside [0, N) are not counted.
+// counts[e] = pairs of expert e.
 __global__ void histogram_kernel(const int32_t* __restrict__ ids, int64_t pairs, int experts,
                                  int32_t* __restrict__ counts) {
+  kernel_prologue();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int32_t e = ids[i];
-    if (e >= 0 && e < experts) atomicAdd(counts + e, 1);
+    atomicAdd(counts + checked_expert_id(ids[i], experts, "schedule_build"), 1);
   }
 }
 
 __global__ void iota_kernel(int32_t* __restrict__ out, int64_t n) {
+  kernel_prologue();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     out[i] = static_cast<int32_t>(i);
@@ -149,14 +139,16 @@ struct TileEntries {
   int last[kTileItems];
 };
 
+// Past the last pair, and for an id outside [0, N) (kept in `bad`), the key is N: after every
+// real expert, so such entries are never placed.
 __device__ void sort_tile(const int32_t* __restrict__ ids, int64_t pairs, int experts, int bits,
-                          TileTemp& temp, TileEntries& t) {
+                          TileTemp& temp, TileEntries& t, BadExpertId& bad) {
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTilePairs + threadIdx.x * kTileItems;
 #pragma unroll
   for (int i = 0; i < kTileItems; ++i) {
     const int64_t p = p0 + i;
-    const int32_t e = p < pairs ? ids[p] : -1;
-    t.key[i] = e >= 0 && e < experts ? static_cast<uint32_t>(e) : static_cast<uint32_t>(experts);
+    const int32_t e = p < pairs ? expert_id_or_skip(ids[p], experts, bad) : -1;
+    t.key[i] = static_cast<uint32_t>(e < 0 ? experts : e);
     t.pair[i] = static_cast<int32_t>(p);
   }
   TileSort(temp.sort).Sort(t.key, t.pair, 0, bits);
@@ -178,19 +170,22 @@ __device__ void sort_tile(const int32_t* __restrict__ ids, int64_t pairs, int ex
 __global__ void __launch_bounds__(kTileThreads)
     tile_count_kernel(const int32_t* __restrict__ ids, int64_t pairs, int experts, int bits,
                       int tiles, int32_t* __restrict__ counts) {
+  kernel_prologue();
   __shared__ TileTemp temp;
   const int b = blockIdx.x;
   for (int e = threadIdx.x; e < experts; e += kTileThreads) {
     counts[static_cast<int64_t>(e) * tiles + b] = 0;
   }
   TileEntries t;
-  sort_tile(ids, pairs, experts, bits, temp, t);  // its barriers order the zeros first
+  BadExpertId bad;
+  sort_tile(ids, pairs, experts, bits, temp, t, bad);  // its barriers order the zeros first
 #pragma unroll
   for (int i = 0; i < kTileItems; ++i) {
     if (t.last[i] && t.key[i] < static_cast<uint32_t>(experts)) {
       counts[static_cast<int64_t>(t.key[i]) * tiles + b] = t.rank[i] + 1;
     }
   }
+  report_bad_expert_id(bad, experts, "schedule_build");
 }
 
 // Places tile b's pairs at first[e * tiles + b] + rank. Tile 0's block also writes offsets[e] =
@@ -200,6 +195,7 @@ __global__ void __launch_bounds__(kTileThreads)
                       int tiles, const int32_t* __restrict__ counts,
                       const int32_t* __restrict__ first, int32_t* __restrict__ offsets,
                       int32_t* __restrict__ order) {
+  kernel_prologue();
   __shared__ TileTemp temp;
   const int b = blockIdx.x;
   if (b == 0) {
@@ -212,7 +208,8 @@ __global__ void __launch_bounds__(kTileThreads)
     offsets[experts] = first[last] + counts[last];
   }
   TileEntries t;
-  sort_tile(ids, pairs, experts, bits, temp, t);
+  BadExpertId bad;  // reported by tile_count_kernel, which ran first
+  sort_tile(ids, pairs, experts, bits, temp, t, bad);
 #pragma unroll
   for (int i = 0; i < kTileItems; ++i) {
     if (t.key[i] < static_cast<uint32_t>(experts)) {
@@ -249,16 +246,17 @@ void schedule_build(const LayerConfig& cfg, const TensorView& indices, const Sch
     const int tiles = static_cast<int>(tile_count(pairs));
     int32_t* tile_counts = reinterpret_cast<int32_t*>(ws + L.tile_counts);
     int32_t* tile_first = reinterpret_cast<int32_t*>(ws + L.tile_first);
-    const int bits = key_bits(static_cast<int64_t>(experts) + 1);  // N marks pairs to skip
-    tile_count_kernel<<<tiles, kTileThreads, 0, stream>>>(ids, pairs, experts, bits, tiles,
-                                                          tile_counts);
-    OMNIMOE_CUDA_CHECK_LAUNCH("schedule_build (tile counts)");
+    const int bits = key_bits(static_cast<int64_t>(experts) + 1);  // N marks the padding
+    launch_kernel("schedule_build (tile counts)", tile_count_kernel, dim3(tiles),
+                  dim3(kTileThreads), 0, stream, ids, static_cast<int64_t>(pairs), experts, bits,
+                  tiles, tile_counts);
     OMNIMOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(
         ws + L.scan_temp, L.scan_temp_bytes, static_cast<const int32_t*>(tile_counts),
         tile_first, tiles * experts, stream));
-    tile_place_kernel<<<tiles, kTileThreads, 0, stream>>>(ids, pairs, experts, bits, tiles,
-                                                          tile_counts, tile_first, offsets, order);
-    OMNIMOE_CUDA_CHECK_LAUNCH("schedule_build (tile placement)");
+    launch_kernel("schedule_build (tile placement)", tile_place_kernel, dim3(tiles),
+                  dim3(kTileThreads), 0, stream, ids, static_cast<int64_t>(pairs), experts, bits,
+                  tiles, static_cast<const int32_t*>(tile_counts),
+                  static_cast<const int32_t*>(tile_first), offsets, order);
     return;
   }
 

@@ -142,6 +142,22 @@ inline HostTensor make_random(DType dtype, std::vector<int64_t> shape, uint64_t 
   return t;
 }
 
+// [a; b] in one matrix with a's row padding: operands whose rows follow each other in memory.
+inline HostTensor stack_rows(const HostTensor& a, const HostTensor& b) {
+  HostTensor s(a.dtype(), {a.rows() + b.rows(), a.cols()}, a.row_stride() - a.cols());
+  for (int64_t i = 0; i < a.numel(); ++i) s.set(i, a.get(i));
+  for (int64_t i = 0; i < b.numel(); ++i) s.set(a.numel() + i, b.get(i));
+  return s;
+}
+
+// Rows [r0, r0 + rows) of a 2-D view.
+inline TensorView row_block(TensorView v, int64_t r0, int64_t rows) {
+  v.data =
+      static_cast<char*>(v.data) + r0 * v.strides[0] * static_cast<int64_t>(dtype_size(v.dtype));
+  v.shape[0] = rows;
+  return v;
+}
+
 // One tensor on both backends, from the same host data: view(exec) gives the side exec runs on.
 struct MirroredTensor {
   HostTensor host;

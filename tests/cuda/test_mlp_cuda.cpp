@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "cuda_test_support.h"
 
@@ -12,8 +13,9 @@ namespace {
 struct MlpCase {
   DType dtype;
   int64_t tokens, hidden, inter;
-  int64_t padding;  // extra elements per row of x, y, dy, dx, weights and grads
-  bool accumulate;  // y (forward) and dx (backward) are added to
+  int64_t padding;       // extra elements per row of x, y, dy, dx, weights and grads
+  bool accumulate;       // y (forward) and dx (backward) are added to
+  bool stacked = false;  // W_gate, W_up (and their gradients) as the row blocks of one matrix
 };
 
 std::string case_name(const MlpCase& c) {
@@ -21,6 +23,7 @@ std::string case_name(const MlpCase& c) {
                   std::to_string(c.hidden) + "_I" + std::to_string(c.inter);
   if (c.padding) s += "_pad" + std::to_string(c.padding);
   if (c.accumulate) s += "_accumulate";
+  if (c.stacked) s += "_stacked";
   return s;
 }
 
@@ -44,6 +47,15 @@ MirroredTensor output(DType dt, int64_t rows, int64_t cols, uint64_t seed, int64
   return MirroredTensor(std::move(h));
 }
 
+// The gate and up views: two matrices, or the row blocks of one when the case stacks them.
+std::pair<TensorView, TensorView> gate_and_up(const MlpCase& c, const MirroredTensor& stacked,
+                                              const MirroredTensor& gate, const MirroredTensor& up,
+                                              const Exec& e) {
+  if (!c.stacked) return {gate.view(e), up.view(e)};
+  const TensorView v = stacked.view(e);
+  return {row_block(v, 0, c.inter), row_block(v, c.inter, c.inter)};
+}
+
 class MlpCuda : public ::testing::TestWithParam<MlpCase> {};
 
 TEST_P(MlpCuda, ForwardMatchesCpu) {
@@ -59,9 +71,12 @@ TEST_P(MlpCuda, ForwardMatchesCpu) {
   MirroredTensor gate_pre = output(dt, c.tokens, c.inter, 0, 0, false);
   MirroredTensor up_pre = output(dt, c.tokens, c.inter, 0, 0, false);
 
+  MirroredTensor w_stacked(stack_rows(wg.host, wu.host));
+
   run_on_cpu_and_cuda([&](const Exec& e) {
     Scratch ws(e, mlp_forward_workspace_bytes(cfg, c.tokens, dt, e));
-    mlp_forward(cfg, x.view(e), {wg.view(e), wu.view(e), wd.view(e)}, y.view(e), c.accumulate,
+    const auto [w_gate, w_up] = gate_and_up(c, w_stacked, wg, wu, e);
+    mlp_forward(cfg, x.view(e), {w_gate, w_up, wd.view(e)}, y.view(e), c.accumulate,
                 {gate_pre.view(e), up_pre.view(e)}, ws.buffer(), e);
   });
 
@@ -87,18 +102,30 @@ TEST_P(MlpCuda, BackwardMatchesCpu) {
   MirroredTensor dwg = output(dt, c.inter, c.hidden, 0, c.padding, false);
   MirroredTensor dwu = output(dt, c.inter, c.hidden, 0, c.padding, false);
   MirroredTensor dwd = output(dt, c.hidden, c.inter, 0, c.padding, false);
+  // Stacked: [W_gate; W_up] and [grads.gate; grads.up] as one matrix each (one product for the
+  // two dx terms, one for the two weight gradients).
+  MirroredTensor w_stacked(stack_rows(wg.host, wu.host));
+  MirroredTensor dw_stacked(stack_rows(dwg.host, dwu.host));
+  dw_stacked.device.poison();
 
   run_on_cpu_and_cuda([&](const Exec& e) {
     Scratch ws(e, mlp_backward_workspace_bytes(cfg, c.tokens, dt, e));
-    mlp_backward(cfg, x.view(e), {wg.view(e), wu.view(e), wd.view(e)},
-                 {gate_pre.view(e), up_pre.view(e)}, dy.view(e), dx.view(e), c.accumulate,
-                 {dwg.view(e), dwu.view(e), dwd.view(e)}, ws.buffer(), e);
+    const auto [w_gate, w_up] = gate_and_up(c, w_stacked, wg, wu, e);
+    const auto [dw_gate, dw_up] = gate_and_up(c, dw_stacked, dwg, dwu, e);
+    mlp_backward(cfg, x.view(e), {w_gate, w_up, wd.view(e)}, {gate_pre.view(e), up_pre.view(e)},
+                 dy.view(e), dx.view(e), c.accumulate, {dw_gate, dw_up, dwd.view(e)}, ws.buffer(),
+                 e);
   });
 
   // dx sums 2I products; weight gradients sum over the T tokens.
   expect_close(dx.fetch(), dx.host, tolerance_for(dt, 2 * c.inter), "dx");
-  expect_close(dwg.fetch(), dwg.host, tolerance_for(dt, c.tokens), "grads.gate");
-  expect_close(dwu.fetch(), dwu.host, tolerance_for(dt, c.tokens), "grads.up");
+  if (c.stacked) {
+    expect_close(dw_stacked.fetch(), dw_stacked.host, tolerance_for(dt, c.tokens),
+                 "grads.gate and grads.up (stacked)");
+  } else {
+    expect_close(dwg.fetch(), dwg.host, tolerance_for(dt, c.tokens), "grads.gate");
+    expect_close(dwu.fetch(), dwu.host, tolerance_for(dt, c.tokens), "grads.up");
+  }
   expect_close(dwd.fetch(), dwd.host, tolerance_for(dt, c.tokens), "grads.down");
 }
 
@@ -116,6 +143,11 @@ std::vector<MlpCase> mlp_cases() {
   cases.push_back({DType::bf16, 520, 256, 1024, 0, false});
   cases.push_back({DType::f16, 257, 64, 136, 8, true});
   cases.push_back({DType::bf16, 1, 64, 200, 8, false});
+  // Stacked gate and up weights and gradients (one product each for dx and the two gradients):
+  // the vectorised activation pass, an odd I (scalar pass), f32 with padding.
+  cases.push_back({DType::bf16, 300, 128, 256, 0, true, true});
+  cases.push_back({DType::f16, 257, 37, 53, 3, false, true});
+  cases.push_back({DType::f32, 129, 64, 136, 2, true, true});
   return cases;
 }
 

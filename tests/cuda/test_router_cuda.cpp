@@ -587,6 +587,7 @@ struct BackwardCase {
   bool training;
   bool accumulate;
   int64_t padding;
+  bool stacked = false;  // weights and their gradients as the row blocks of one matrix each
 };
 
 std::string backward_name(const BackwardCase& c) {
@@ -595,6 +596,7 @@ std::string backward_name(const BackwardCase& c) {
                   router_norm_name(c.norm) + (c.training ? "_train" : "_eval");
   if (c.accumulate) s += "_accumulate";
   if (c.padding) s += "_pad" + std::to_string(c.padding);
+  if (c.stacked) s += "_stacked";
   return s;
 }
 
@@ -627,9 +629,21 @@ TEST_P(RouterCudaBackward, MatchesCpu) {
   gr0.poison();
   gc0.poison();
   MirroredTensor grow(gr0), gcol(gc0);
+  MirroredTensor w_stacked(stack_rows(f.wr.host, f.wc.host)), g_stacked(stack_rows(gr0, gc0));
   if (!c.accumulate) dx.device.poison();
   grow.device.poison();
   gcol.device.poison();
+  g_stacked.device.poison();
+  auto weights = [&](const Exec& e) {
+    if (!c.stacked) return f.weights(e);
+    const TensorView w = w_stacked.view(e);
+    return RouterWeights{row_block(w, 0, c.nr), row_block(w, c.nr, c.nc)};
+  };
+  auto grads = [&](const Exec& e) {
+    if (!c.stacked) return RouterWeights{grow.view(e), gcol.view(e)};
+    const TensorView g = g_stacked.view(e);
+    return RouterWeights{row_block(g, 0, c.nr), row_block(g, c.nr, c.nc)};
+  };
 
   run_on_cpu_and_cuda([&](const Exec& e) {
     RouterSaved saved{zr.view(e), zc.view(e), {}, {}};
@@ -638,14 +652,19 @@ TEST_P(RouterCudaBackward, MatchesCpu) {
       saved.col_rstd = rc.view(e);
     }
     Scratch ws(e, router_backward_workspace_bytes(cfg, c.tokens, dt, e));
-    router_backward(cfg, f.x.view(e), f.weights(e), c.training, saved,
+    router_backward(cfg, f.x.view(e), weights(e), c.training, saved,
                     {indices.view(e), scores.view(e), gates.view(e)}, dgates.view(e), dx.view(e),
-                    c.accumulate, {grow.view(e), gcol.view(e)}, ws.buffer(), e);
+                    c.accumulate, grads(e), ws.buffer(), e);
   });
 
   const DType td = tolerance_dtype(dt);
-  expect_close_scaled(grow.fetch(), grow.host, tolerance_for(td, c.tokens), "grads.row");
-  expect_close_scaled(gcol.fetch(), gcol.host, tolerance_for(td, c.tokens), "grads.col");
+  if (c.stacked) {
+    expect_close_scaled(g_stacked.fetch(), g_stacked.host, tolerance_for(td, c.tokens),
+                        "grads (stacked)");
+  } else {
+    expect_close_scaled(grow.fetch(), grow.host, tolerance_for(td, c.tokens), "grads.row");
+    expect_close_scaled(gcol.fetch(), gcol.host, tolerance_for(td, c.tokens), "grads.col");
+  }
   expect_close_scaled(dx.fetch(), dx.host, tolerance_for(td, c.nr + c.nc), "dx");
 }
 
@@ -669,6 +688,11 @@ std::vector<BackwardCase> backward_cases() {
   v.push_back({DType::f32, 300, 32, 128, 256, 20, sm, bn, true, false, 0});
   // N_r + N_c past the shared-memory accumulators: the global-workspace kernel.
   v.push_back({DType::f32, 40, 16, 6000, 3000, 20, sm, bn, true, false, 0});
+  // Stacked weights and gradients: one product for both gradients, the weights used in place
+  // (f16 converts them and sums in f32 first).
+  for (DType dt : {DType::bf16, DType::f16, DType::f32}) {
+    v.push_back({dt, 257, 37, 19, 23, 7, sm, bn, true, true, 2, true});
+  }
   return v;
 }
 
