@@ -86,15 +86,11 @@ __device__ __noinline__ inline void expert_id_out_of_range(const char* op, int64
          static_cast<long long>(n));
   __assert_fail("expert id in [0, num_experts)", __FILE__, __LINE__, op);
 }
-// Returns `id` after checking it against [0, n).
-__device__ __forceinline__ int32_t checked_expert_id(int32_t id, int64_t n, const char* op) {
-  if (id < 0 || id >= n) expert_id_out_of_range(op, id, n);
-  return id;
-}
-
-// The same check for kernels whose registers are precious (a call on the hot path made the
-// gather kernels spill): a bad id comes back as -1, which the caller skips as "no pair", and is
-// kept in `bad`; the kernel reports it at its end, where few registers are live.
+// Kernels check ids in two steps, so that no call sits among their loads (a call there made the
+// gather kernels spill and kept the dense fills from issuing their loads together): a bad id
+// comes back from expert_id_or_skip as -1, which the caller skips as "no pair", and is kept in
+// `bad`; report_bad_expert_id, once the kernel has no more loads of ids in flight (at its end, or
+// before a pass that would index with them), asserts.
 struct BadExpertId {
   bool seen = false;
   int32_t id = 0;

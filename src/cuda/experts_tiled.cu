@@ -208,12 +208,16 @@ __global__ void __launch_bounds__(kThreads) assign_pairs_kernel(
   __syncthreads();
   const int* idx = indices + static_cast<int64_t>(t) * index_stride;
   const int64_t experts = static_cast<int64_t>(grid_rows) * grid_cols;
+  // The first kernel to read the ids checks them, reporting after the loop (a thread rereads
+  // only its own ids below); the later passes never run after a bad one.
+  BadExpertId bad;
   for (int k = threadIdx.x; k < top_k; k += blockDim.x) {
-    // The first kernel to read the ids checks them; the later passes reread checked ids.
-    const int e = checked_expert_id(__ldg(idx + k), experts, "experts");
+    const int e = expert_id_or_skip(__ldg(idx + k), experts, bad);
+    if (e < 0) continue;
     atomicAdd(&counts[e / grid_cols], 1);
     atomicAdd(&counts[grid_rows + e % grid_cols], 1);
   }
+  report_bad_expert_id(bad, experts, "experts");
   __syncthreads();
   for (int k = threadIdx.x; k < top_k; k += blockDim.x) {
     const int e = __ldg(idx + k);

@@ -91,10 +91,13 @@ ScheduleLayout schedule_layout(const LayerConfig& cfg, int64_t tokens) {
 __global__ void histogram_kernel(const int32_t* __restrict__ ids, int64_t pairs, int experts,
                                  int32_t* __restrict__ counts) {
   kernel_prologue();
+  BadExpertId bad;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    atomicAdd(counts + checked_expert_id(ids[i], experts, "schedule_build"), 1);
+    const int32_t e = expert_id_or_skip(ids[i], experts, bad);
+    if (e >= 0) atomicAdd(counts + e, 1);
   }
+  report_bad_expert_id(bad, experts, "schedule_build");
 }
 
 __global__ void iota_kernel(int32_t* __restrict__ out, int64_t n) {
