@@ -7,7 +7,6 @@
 #include <cuda_runtime.h>
 #include <omnimoe/omnimoe.h>
 
-#include <cassert>
 #include <cstdint>
 #include <cstdio>
 #include <utility>
@@ -108,17 +107,16 @@ __device__ __forceinline__ void report_bad_expert_id(const BadExpertId& bad, int
   if (bad.seen) expert_id_out_of_range(op, bad.id, n);
 }
 
-// Whether launch_kernel() asks for programmatic dependent launch on `device`: compute
-// capability 9.0 or later and OMNIMOE_PDL=1 (off by default until measured); cached per device.
-bool dependent_launch(int device);
+// Whether launch_kernel() asks for programmatic dependent launch: OMNIMOE_PDL=1 (off by
+// default: measured no gain) and a current device of compute capability 9.0 or later. Without
+// the variable it returns at once, with no CUDA call (it runs for every launch).
+bool dependent_launch();
 
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch where
 // dependent_launch() allows it. `name` goes into the error message.
 template <typename... Params, typename... Args>
 void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
                    size_t smem, cudaStream_t stream, Args&&... args) {
-  int device = 0;
-  OMNIMOE_CUDA_CHECK(cudaGetDevice(&device));
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -128,7 +126,7 @@ void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attribute;
-  config.numAttrs = dependent_launch(device) ? 1 : 0;
+  config.numAttrs = dependent_launch() ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
   if (err != cudaSuccess) {
     cudaGetLastError();

@@ -42,12 +42,18 @@ int cached_attribute(int device, cudaDeviceAttr attribute) {
 
 int64_t l2_bytes(int device) { return cached_attribute(device, cudaDevAttrL2CacheSize); }
 
-bool dependent_launch(int device) {
+bool dependent_launch() {
   static const bool requested = [] {
     const char* v = std::getenv("OMNIMOE_PDL");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
-  return requested && cached_attribute(device, cudaDevAttrComputeCapabilityMajor) >= 9;
+  if (!requested) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return cached_attribute(device, cudaDevAttrComputeCapabilityMajor) >= 9;
 }
 
 }  // namespace omnimoe::cuda
