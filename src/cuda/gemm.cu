@@ -4,6 +4,8 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -69,9 +71,12 @@ struct PlanKey {
   uint32_t align_a, align_b, align_c;
   size_t workspace;
   int sm_count;  // 0: all
+  int batch;     // products in one launch (gemm_pair: 2), their operands evenly spaced
+  int64_t stride_a, stride_b, stride_c;  // elements from one product's operand to the next's
   auto tie() const {
     return std::tie(device, a_type, c_type, trans_a, trans_b, m, n, k, lda, ldb, ldc, ld_addend,
-                    align_a, align_b, align_c, workspace, sm_count);
+                    align_a, align_b, align_c, workspace, sm_count, batch, stride_a, stride_b,
+                    stride_c);
   }
   bool operator<(const PlanKey& o) const { return tie() < o.tie(); }
 };
@@ -125,6 +130,17 @@ std::unique_ptr<Plan> build_plan(cublasLtHandle_t handle, const PlanKey& key) {
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->out, ct, n, m, key.ldc));
   if (key.ld_addend > 0) {
     OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->in, ct, n, m, key.ld_addend));
+  }
+  if (key.batch > 1) {
+    const int32_t count = key.batch;
+    const std::pair<cublasLtMatrixLayout_t, int64_t> strided[3] = {
+        {plan->first, key.stride_b}, {plan->second, key.stride_a}, {plan->out, key.stride_c}};
+    for (const auto& [layout, stride] : strided) {
+      OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutSetAttribute(
+          layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      OMNIMOE_CUBLASLT_CHECK(cublasLtMatrixLayoutSetAttribute(
+          layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+    }
   }
 
   cublasLtMatmulPreference_t pref = nullptr;
@@ -215,10 +231,17 @@ size_t gemm_workspace_bytes() { return kWorkspaceBytes; }
 
 namespace {
 
-// C = alpha op(A) op(B) + beta * (addend ? *addend : C).
+// A second product's operands, `a`, `b` and `c` elements after the first's (gemm_pair).
+struct SecondProduct {
+  int64_t a, b, c;
+  uint32_t align_a, align_b, align_c;  // of the second product's pointers
+};
+
+// C = alpha op(A) op(B) + beta * (addend ? *addend : C), and the same for `second` in the same
+// launch when given.
 void gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
                const TensorView* addend, const TensorView& c, float alpha, float beta,
-               Buffer workspace, const Exec& exec) {
+               Buffer workspace, const Exec& exec, const SecondProduct* second = nullptr) {
   check_operand("A", a);
   check_operand("B", b);
   check_operand("C", c);
@@ -292,6 +315,16 @@ void gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool tran
   key.align_c = std::min(alignment_of(c.data), addend ? alignment_of(addend->data) : 256u);
   key.workspace = ws_bytes;
   key.sm_count = exec.sm_count;
+  key.batch = 1;
+  if (second != nullptr) {
+    key.batch = 2;
+    key.stride_a = second->a;
+    key.stride_b = second->b;
+    key.stride_c = second->c;
+    key.align_a = std::min(key.align_a, second->align_a);
+    key.align_b = std::min(key.align_b, second->align_b);
+    key.align_c = std::min(key.align_c, second->align_c);
+  }
 
   const cublasLtHandle_t handle = handle_for(exec.device.index);
   const Plan& plan = plan_for(handle, key);
@@ -315,6 +348,58 @@ void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
           const TensorView& addend, const TensorView& d, float alpha, float beta,
           Buffer workspace, const Exec& exec) {
   gemm_into(a, trans_a, b, trans_b, &addend, d, alpha, beta, workspace, exec);
+}
+
+namespace {
+
+bool same_layout(const TensorView& x, const TensorView& y) {
+  return x.dtype == y.dtype && x.ndim == 2 && y.ndim == 2 && x.shape[0] == y.shape[0] &&
+         x.shape[1] == y.shape[1] && x.strides[0] == y.strides[0] && x.strides[1] == y.strides[1];
+}
+
+// Elements from `first` to `second` when the difference is whole and not negative; else -1.
+int64_t element_offset(const TensorView& first, const TensorView& second) {
+  const auto bytes = reinterpret_cast<intptr_t>(second.data) - reinterpret_cast<intptr_t>(first.data);
+  const auto elem = static_cast<intptr_t>(dtype_size(first.dtype));
+  return bytes >= 0 && bytes % elem == 0 ? static_cast<int64_t>(bytes / elem) : -1;
+}
+
+// OMNIMOE_GEMM_PAIR=separate runs every pair as two products (to time both ways).
+bool pairs_batched() {
+  static const bool batched = [] {
+    const char* v = std::getenv("OMNIMOE_GEMM_PAIR");
+    return v == nullptr || std::strcmp(v, "separate") != 0;
+  }();
+  return batched;
+}
+
+}  // namespace
+
+bool gemm_pair(const TensorView (&a)[2], bool trans_a, const TensorView (&b)[2], bool trans_b,
+               const TensorView (&c)[2], float alpha, float beta, Buffer workspace,
+               const Exec& exec) {
+  const int64_t off_a = element_offset(a[0], a[1]), off_b = element_offset(b[0], b[1]),
+                off_c = element_offset(c[0], c[1]);
+  const int64_t k = a[0].ndim == 2 ? a[0].shape[trans_a ? 0 : 1] : 0;
+  // The second C must start past the first's last element: the two are written together.
+  const int64_t c_extent =
+      c[0].ndim == 2 ? (c[0].shape[0] - 1) * c[0].strides[0] + c[0].shape[1] : 0;
+  const bool batched = pairs_batched() && same_layout(a[0], a[1]) && same_layout(b[0], b[1]) &&
+                       same_layout(c[0], c[1]) && off_a >= 0 && off_b >= 0 &&
+                       off_c >= c_extent && k > 0 && a[0].dtype != DType::f64;
+  if (!batched) {
+    gemm(a[0], trans_a, b[0], trans_b, c[0], alpha, beta, workspace, exec);
+    gemm(a[1], trans_a, b[1], trans_b, c[1], alpha, beta, workspace, exec);
+    return false;
+  }
+  const SecondProduct second{off_a,
+                             off_b,
+                             off_c,
+                             alignment_of(a[1].data),
+                             alignment_of(b[1].data),
+                             alignment_of(c[1].data)};
+  gemm_into(a[0], trans_a, b[0], trans_b, nullptr, c[0], alpha, beta, workspace, exec, &second);
+  return true;
 }
 
 }  // namespace omnimoe::cuda

@@ -19,6 +19,14 @@ void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
 void gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
           const TensorView& addend, const TensorView& d, float alpha, float beta,
           Buffer workspace, const Exec& exec);
+// Two products of one shape and layout, C_i = alpha * op(A_i) * op(B_i) + beta * C_i, as one
+// batched cuBLASLt launch when each operand's second matrix lies a fixed whole number of
+// elements at or after its first (A_1 may be A_0), the second C past the first, k > 0 and the
+// inputs are not f64; otherwise as two products. Returns whether they ran as one launch.
+// Small products (the router's two logits products) fill twice the SMs in one launch.
+bool gemm_pair(const TensorView (&a)[2], bool trans_a, const TensorView (&b)[2], bool trans_b,
+               const TensorView (&c)[2], float alpha, float beta, Buffer workspace,
+               const Exec& exec);
 size_t gemm_workspace_bytes();
 
 }  // namespace omnimoe::cuda

@@ -52,13 +52,9 @@ __global__ void f64_to_f32_kernel(const double* __restrict__ src, float* __restr
   }
 }
 
-// logits = x W^T into the saved f32 [T, n] view.
-void logits_gemm(const TensorView& x, const TensorView& w, const TensorView& logits,
-                 const Buffer& gemm_ws, void* f64_scratch, const Exec& exec) {
-  if (x.dtype != DType::f64) {
-    gemm(x, false, w, true, logits, 1.0f, 0.0f, gemm_ws, exec);
-    return;
-  }
+// logits = x W^T into the saved f32 [T, n] view, for f64 x (f64 GEMMs write f64 only).
+void logits_gemm_f64(const TensorView& x, const TensorView& w, const TensorView& logits,
+                     const Buffer& gemm_ws, void* f64_scratch, const Exec& exec) {
   const int64_t rows = logits.shape[0], cols = logits.shape[1], n = rows * cols;
   gemm(x, false, w, true,
        TensorView::matrix(f64_scratch, DType::f64, rows, cols, cols, exec.device), 1.0f, 0.0f,
@@ -194,8 +190,13 @@ void router_forward(const LayerConfig& cfg, const TensorView& x, const RouterWei
   char* ws = static_cast<char*>(workspace.data);
   const Buffer gemm_ws{ws + L.gemm, gemm_workspace_bytes()};
 
-  logits_gemm(x, weights.row, saved.row_logits, gemm_ws, ws + L.logits64, exec);
-  logits_gemm(x, weights.col, saved.col_logits, gemm_ws, ws + L.logits64, exec);
+  if (x.dtype == DType::f64) {
+    logits_gemm_f64(x, weights.row, saved.row_logits, gemm_ws, ws + L.logits64, exec);
+    logits_gemm_f64(x, weights.col, saved.col_logits, gemm_ws, ws + L.logits64, exec);
+  } else {  // one launch when N_r = N_c and the operands are evenly spaced (the layer's are)
+    gemm_pair({x, x}, false, {weights.row, weights.col}, true,
+              {saved.row_logits, saved.col_logits}, 1.0f, 0.0f, gemm_ws, exec);
+  }
 
   float* row_logits = static_cast<float*>(saved.row_logits.data);
   float* col_logits = static_cast<float*>(saved.col_logits.data);

@@ -1433,8 +1433,10 @@ bool use_warp_kernel(const LayerConfig& cfg) {
          cfg.grid_cols <= kWarpMaxAxis;
 }
 
-// CTAs per SM the warp kernels of 16 and 32 values per lane are compiled for (the register
-// cap): 6 (80 registers), or 4 (128) or 5 (96) with OMNIMOE_ROUTER_WARP_CTAS=4 or 5, for timing.
+// CTAs per SM the warp kernels are compiled for (the register cap). 16 and 32 values per lane:
+// 6 (80 registers), or 4 (128) or 5 (96) with OMNIMOE_ROUTER_WARP_CTAS=4 or 5. 4 and 8 values:
+// 8 (64 registers: T = 4096 tokens fit one wave of 132 SMs, where 6 left a second), or 4
+// with OMNIMOE_ROUTER_WARP_CTAS=4 (the earlier build), for timing.
 int warp_ctas_per_sm() {
   static const int ctas = [] {
     const char* v = std::getenv("OMNIMOE_ROUTER_WARP_CTAS");
@@ -1462,8 +1464,10 @@ void launch_warp_select(const WarpSelectArgs& args, bool vec, cudaStream_t strea
     constexpr bool kVec = decltype(vec_tag)::value;
     const int items = warp_row_items(std::max(sh.nr, sh.nc));
     const int ctas = warp_ctas_per_sm();
-    if (items == 4) launch(select_topk_warp_kernel<4, kVec, kFused, 4>);
-    else if (items == 8) launch(select_topk_warp_kernel<8, kVec, kFused, 4>);
+    if (items == 4 && ctas == 4) launch(select_topk_warp_kernel<4, kVec, kFused, 4>);
+    else if (items == 4) launch(select_topk_warp_kernel<4, kVec, kFused, 8>);
+    else if (items == 8 && ctas == 4) launch(select_topk_warp_kernel<8, kVec, kFused, 4>);
+    else if (items == 8) launch(select_topk_warp_kernel<8, kVec, kFused, 8>);
     else if (items == 16 && ctas == 4) launch(select_topk_warp_kernel<16, kVec, kFused, 4>);
     else if (items == 16 && ctas == 5) launch(select_topk_warp_kernel<16, kVec, kFused, 5>);
     else if (items == 16) launch(select_topk_warp_kernel<16, kVec, kFused, 6>);

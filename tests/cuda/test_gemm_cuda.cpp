@@ -1,5 +1,6 @@
 // cuda::gemm (cuBLASLt) against a double-precision product of the same stored inputs.
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -152,6 +153,99 @@ INSTANTIATE_TEST_SUITE_P(Cases, GemmCuda, ::testing::ValuesIn(gemm_cases()),
                          [](const ::testing::TestParamInfo<GemmCase>& info) {
                            return case_name(info.param);
                          });
+
+// gemm_pair: two products of one shape. Operands evenly spaced in memory (the second B and C
+// rows after the first's, A shared) run as one batched launch; otherwise as two products.
+struct PairCase {
+  const char* name;
+  DType ab, c;
+  bool trans_a, trans_b;
+  int64_t m, n, k, padding;
+  float beta;
+  bool b_reversed;     // B's second matrix before its first: two products
+  int64_t c_gap_rows;  // rows between the two Cs; -1: the second C overlaps the first
+  bool want_batched;
+};
+
+class GemmPairCuda : public ::testing::TestWithParam<PairCase> {};
+
+TEST_P(GemmPairCuda, BothProductsMatchDoubleProducts) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const PairCase g = GetParam();
+  const int64_t a_rows = g.trans_a ? g.k : g.m, a_cols = g.trans_a ? g.m : g.k;
+  const int64_t b_rows = g.trans_b ? g.n : g.k, b_cols = g.trans_b ? g.k : g.n;
+  const HostTensor a = make_random(g.ab, {a_rows, a_cols}, 21, g.padding);
+  const HostTensor b = make_random(g.ab, {2 * b_rows, b_cols}, 22, g.padding);
+  // Both Cs in one matrix: rows [0, m) and [m + gap, 2m + gap) (gap -1: they share a row).
+  const int64_t c1_row = g.m + g.c_gap_rows;
+  HostTensor c = make_random(g.c, {c1_row + g.m, g.n}, 23, g.padding);
+  if (g.beta == 0.0f) c.poison();
+  DeviceTensor da = upload(a), db = upload(b), dc = upload(c);
+  const TensorView b0 = row_block(db.view(), g.b_reversed ? b_rows : 0, b_rows);
+  const TensorView b1 = row_block(db.view(), g.b_reversed ? 0 : b_rows, b_rows);
+  const TensorView c0 = row_block(dc.view(), 0, g.m), c1 = row_block(dc.view(), c1_row, g.m);
+
+  DeviceBuffer ws(cuda::gemm_workspace_bytes());
+  CudaStream stream;
+  const bool batched = cuda::gemm_pair({da.view(), da.view()}, g.trans_a, {b0, b1}, g.trans_b,
+                                       {c0, c1}, 1.0f, g.beta, ws.buffer(),
+                                       cuda_exec(stream.get()));
+  stream.synchronize();
+  const char* how = std::getenv("OMNIMOE_GEMM_PAIR");
+  const bool forced_separate = how != nullptr && std::string(how) == "separate";
+  EXPECT_EQ(batched, g.want_batched && !forced_separate);
+  const HostTensor got = download(dc);
+
+  std::vector<double> got_v, want_v;
+  for (int product = 0; product < 2; ++product) {
+    const int64_t b_row0 = (product == 1) != g.b_reversed ? b_rows : 0;
+    const int64_t c_row0 = product == 0 ? 0 : c1_row;
+    for (int64_t i = 0; i < g.m; ++i) {
+      for (int64_t j = 0; j < g.n; ++j) {
+        if (g.c_gap_rows < 0 && product == 0 && i >= c1_row) continue;  // overwritten by the second
+        double s = 0.0;
+        for (int64_t p = 0; p < g.k; ++p) {
+          const double av = g.trans_a ? a.at(p, i) : a.at(i, p);
+          const double bv = g.trans_b ? b.at(b_row0 + j, p) : b.at(b_row0 + p, j);
+          s += av * bv;
+        }
+        want_v.push_back(s + (g.beta != 0.0f ? g.beta * c.at(c_row0 + i, j) : 0.0));
+        got_v.push_back(got.at(c_row0 + i, j));
+      }
+    }
+  }
+  const Comparison cmp = compare(got_v, want_v, tolerance_for(g.c, g.k));
+  EXPECT_LE(cmp.worst_ratio, 1.0) << cmp.describe();
+  // Rows between the two Cs stay as they were.
+  for (int64_t i = g.m; i < c1_row; ++i) {
+    for (int64_t j = 0; j < g.n; ++j) {
+      const double before = c.at(i, j), after = got.at(i, j);
+      EXPECT_TRUE((std::isnan(before) && std::isnan(after)) || before == after)
+          << "row " << i << " between the two products was written";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, GemmPairCuda,
+    ::testing::Values(
+        // The router's logits: bf16 x times [W_r; W_c]^T into consecutive f32 matrices.
+        PairCase{"logits_bf16_Cf32_NT", DType::bf16, DType::f32, false, true, 37, 53, 129, 0,
+                 0.0f, false, 0, true},
+        PairCase{"f16_NT_padded_gap", DType::f16, DType::f16, false, true, 41, 24, 72, 3, 0.0f,
+                 false, 5, true},
+        PairCase{"f32_NN_beta1", DType::f32, DType::f32, false, false, 19, 33, 45, 2, 1.0f,
+                 false, 0, true},
+        PairCase{"bf16_TN", DType::bf16, DType::bf16, true, false, 64, 40, 96, 0, 0.0f, false,
+                 0, true},
+        // Not batched: B's second before its first, or Cs that overlap.
+        PairCase{"bf16_NT_reversed_B", DType::bf16, DType::bf16, false, true, 37, 53, 129, 0,
+                 0.0f, true, 0, false},
+        PairCase{"bf16_NT_overlapping_C", DType::bf16, DType::bf16, false, true, 37, 53, 129, 0,
+                 0.0f, false, -1, false},
+        PairCase{"f64_NT", DType::f64, DType::f64, false, true, 17, 9, 33, 0, 0.0f, false, 0,
+                 false}),
+    [](const ::testing::TestParamInfo<PairCase>& info) { return std::string(info.param.name); });
 
 // k = 0: no products. beta = 0 writes zeros (a weight gradient over zero tokens), beta = 1 keeps C.
 TEST(GemmCudaEmpty, bf16_k0_beta0_writes_zeros_beta1_keeps_C) {
