@@ -11,6 +11,7 @@
 #include "cuda/experts_gather.cuh"
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <cstring>
 #include <type_traits>
@@ -416,6 +417,85 @@ __global__ void __launch_bounds__(kBlock) expert_grads_kernel(const ExpertPass<T
   kernel_prologue();
   using A = acc_of<T>;
   using C = Chunk<T, VEC>;
+  constexpr unsigned kFull = 0xffffffffu;
+  const int tpt = 1 << p.tpt_log2;  // >= 32: a group is whole warps, each walks the same pairs
+  const int lane = threadIdx.x & (tpt - 1), warp_lane = threadIdx.x & 31;
+  const int64_t group =
+      static_cast<int64_t>(blockIdx.x) * (kBlock >> p.tpt_log2) + (threadIdx.x >> p.tpt_log2);
+  // Each group walks a contiguous range of (expert, slab) items: neighbouring offsets share
+  // cache lines, and the dW / dV rows it writes are contiguous.
+  const int64_t items = p.num_experts * p.slabs;
+  const int64_t first = group * p.items_per_group;
+  const int64_t last = min(items, first + p.items_per_group);
+  int64_t next_expert = first / p.slabs;  // one division; the walk below only counts
+  int slab = static_cast<int>(first - next_expert * p.slabs);
+  for (int64_t item = first; item < last; ++item) {
+    const int64_t e = next_expert;
+    const int chunk = slab * tpt + lane;
+    if (++slab == p.slabs) {
+      slab = 0;
+      ++next_expert;
+    }
+    // Lanes past the row stay in the loop: they take part in the shuffles.
+    const bool in_row = chunk < p.nchunks;
+    // T = 0: the schedule was never built; every row is zero.
+    const int begin = p.tokens > 0 ? p.offsets[e] : 0;
+    const int end = p.tokens > 0 ? p.offsets[e + 1] : 0;
+    A aw[VEC] = {}, av[VEC] = {};
+    for (int base = begin; base < end; base += 32) {
+      // The next 32 pairs' tokens and coefficients, one per lane, loaded together: the row
+      // loads below then wait on one load, not on a pair index first.
+      const int count = min(32, end - base);
+      int my_t = 0;  // pair / K < 2^31: pair ids are int32
+      A my_da = A(0), my_gh = A(0);
+      if (warp_lane < count) {
+        const int pair = p.pair_order[base + warp_lane];
+        my_t = pair / p.top_k;
+        my_da = p.da[pair];
+        my_gh = p.gh[pair];
+      }
+      for (int i = 0; i < count; i += U) {
+        A da[U], gh[U];
+        C xs[U], dys[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int src = (i + u) & 31;
+          const int64_t t = __shfl_sync(kFull, my_t, src);  // widened for the row address
+          da[u] = __shfl_sync(kFull, my_da, src);
+          gh[u] = __shfl_sync(kFull, my_gh, src);
+          if (i + u < count && in_row) {
+            xs[u] = load_chunk<T, VEC>(p.x + t * p.x_stride + chunk * VEC);
+            dys[u] = load_chunk<T, VEC>(p.dy + t * p.dy_stride + chunk * VEC);
+          } else {
+            da[u] = A(0);
+            gh[u] = A(0);
+            xs[u] = zero_chunk<T, VEC>();
+            dys[u] = zero_chunk<T, VEC>();
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            aw[v] += da[u] * widen(xs[u].v[v]);
+            av[v] += gh[u] * widen(dys[u].v[v]);
+          }
+        }
+      }
+    }
+    if (in_row) {
+      write_row_chunk<T, VEC>(p.dw + e * p.dw_stride + chunk * VEC, aw, false);
+      write_row_chunk<T, VEC>(p.dv + e * p.dv_stride + chunk * VEC, av, false);
+    }
+  }
+}
+
+// TEMPORARY (session 7 A/B): the kernel before the lane-parallel pair loads.
+template <typename T, int VEC, int U>
+__global__ void __launch_bounds__(kBlock) expert_grads_kernel_v0(const ExpertPass<T> p) {
+  kernel_prologue();
+  using A = acc_of<T>;
+  using C = Chunk<T, VEC>;
   const int tpt = 1 << p.tpt_log2;
   const int lane = threadIdx.x & (tpt - 1);
   const int64_t group =
@@ -613,7 +693,12 @@ void launch_expert_pass(ExpertPass<T> p, int device, cudaStream_t stream) {
   p.items_per_group = std::max<int64_t>(1, ceil_div(items, groups));
   const int64_t blocks = ceil_div(ceil_div(items, p.items_per_group), groups_per_block);
   OMNIMOE_CHECK(blocks <= INT32_MAX, "experts gather: grid too large");
-  launch_kernel("expert_grads_kernel", expert_grads_kernel<T, VEC, kGradPairsInFlight>,
+if (std::getenv("OMNIMOE_GRADS_V0") != nullptr) {
+      launch_kernel("expert_grads_kernel", expert_grads_kernel_v0<T, VEC, kGradPairsInFlight>,
+                dim3(static_cast<unsigned>(blocks)), dim3(kBlock), 0, stream, p);
+    return;
+  }
+    launch_kernel("expert_grads_kernel", expert_grads_kernel<T, VEC, kGradPairsInFlight>,
                 dim3(static_cast<unsigned>(blocks)), dim3(kBlock), 0, stream, p);
 }
 
