@@ -88,6 +88,7 @@ struct Plan {
   cublasLtMatrixLayout_t in = nullptr;  // the added matrix's, when it is not D's
   cublasLtMatmulAlgo_t algo{};
   bool f64 = false;
+  bool found = true;  // false: no algorithm for a batched key (gemm_pair then runs two products)
   cublasLtMatrixLayout_t added() const { return in ? in : out; }
   ~Plan() {
     if (in) cublasLtMatrixLayoutDestroy(in);
@@ -165,6 +166,10 @@ std::unique_ptr<Plan> build_plan(cublasLtHandle_t handle, const PlanKey& key) {
   OMNIMOE_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->op, plan->first,
                                                         plan->second, plan->added(), plan->out,
                                                         pref, 1, &result, &found));
+  if (found == 0 && key.batch > 1) {
+    plan->found = false;
+    return plan;
+  }
   OMNIMOE_CHECK(found > 0, "gemm: cuBLASLt found no algorithm for m=", key.m, " n=", key.n,
                 " k=", key.k, " (", key.trans_a ? "A^T" : "A", " * ", key.trans_b ? "B^T" : "B",
                 ", lda=", key.lda, " ldb=", key.ldb, " ldc=", key.ldc, ")");
@@ -238,8 +243,8 @@ struct SecondProduct {
 };
 
 // C = alpha op(A) op(B) + beta * (addend ? *addend : C), and the same for `second` in the same
-// launch when given.
-void gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
+// launch when given. False (nothing issued) when cuBLASLt has no algorithm for the pair.
+bool gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
                const TensorView* addend, const TensorView& c, float alpha, float beta,
                Buffer workspace, const Exec& exec, const SecondProduct* second = nullptr) {
   check_operand("A", a);
@@ -271,7 +276,7 @@ void gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool tran
 
   DeviceGuard guard(exec);
   const cudaStream_t stream = stream_of(exec);
-  if (m == 0 || n == 0) return;
+  if (m == 0 || n == 0) return true;
   if (k == 0) {  // no products: C = beta * C (or beta * addend)
     if (addend && beta != 0.0f) {
       const size_t elem = dtype_size(c.dtype);
@@ -282,7 +287,7 @@ void gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool tran
           static_cast<size_t>(m), cudaMemcpyDeviceToDevice, stream));
     }
     scale_rows(c, beta, stream);
-    return;
+    return true;
   }
 
   // The caller's workspace, aligned up to 256 bytes for cuBLASLt.
@@ -328,6 +333,7 @@ void gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool tran
 
   const cublasLtHandle_t handle = handle_for(exec.device.index);
   const Plan& plan = plan_for(handle, key);
+  if (!plan.found) return false;
   const double alpha64 = alpha, beta64 = beta;
   const void* alpha_ptr = plan.f64 ? static_cast<const void*>(&alpha64) : &alpha;
   const void* beta_ptr = plan.f64 ? static_cast<const void*>(&beta64) : &beta;
@@ -335,6 +341,7 @@ void gemm_into(const TensorView& a, bool trans_a, const TensorView& b, bool tran
                                         plan.second, beta_ptr, addend ? addend->data : c.data,
                                         plan.added(), c.data, plan.out, &plan.algo, ws_ptr,
                                         ws_bytes, stream));
+  return true;
 }
 
 }  // namespace
@@ -387,19 +394,21 @@ bool gemm_pair(const TensorView (&a)[2], bool trans_a, const TensorView (&b)[2],
   const bool batched = pairs_batched() && same_layout(a[0], a[1]) && same_layout(b[0], b[1]) &&
                        same_layout(c[0], c[1]) && off_a >= 0 && off_b >= 0 &&
                        off_c >= c_extent && k > 0 && a[0].dtype != DType::f64;
-  if (!batched) {
-    gemm(a[0], trans_a, b[0], trans_b, c[0], alpha, beta, workspace, exec);
-    gemm(a[1], trans_a, b[1], trans_b, c[1], alpha, beta, workspace, exec);
-    return false;
+  if (batched) {
+    const SecondProduct second{off_a,
+                               off_b,
+                               off_c,
+                               alignment_of(a[1].data),
+                               alignment_of(b[1].data),
+                               alignment_of(c[1].data)};
+    if (gemm_into(a[0], trans_a, b[0], trans_b, nullptr, c[0], alpha, beta, workspace, exec,
+                  &second)) {
+      return true;
+    }
   }
-  const SecondProduct second{off_a,
-                             off_b,
-                             off_c,
-                             alignment_of(a[1].data),
-                             alignment_of(b[1].data),
-                             alignment_of(c[1].data)};
-  gemm_into(a[0], trans_a, b[0], trans_b, nullptr, c[0], alpha, beta, workspace, exec, &second);
-  return true;
+  gemm(a[0], trans_a, b[0], trans_b, c[0], alpha, beta, workspace, exec);
+  gemm(a[1], trans_a, b[1], trans_b, c[1], alpha, beta, workspace, exec);
+  return false;
 }
 
 }  // namespace omnimoe::cuda
