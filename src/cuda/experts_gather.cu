@@ -11,7 +11,6 @@
 #include "cuda/experts_gather.cuh"
 
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
 #include <cstring>
 #include <type_traits>
@@ -26,6 +25,12 @@ namespace {
 constexpr int kBlock = 256;          // threads per block, every kernel here
 constexpr int kMaxFusedChunks = 1024;  // chunks per row the register-resident kernel holds
 constexpr int kGradPairsInFlight = 4;  // pairs the dW/dV pass loads before it sums them
+// The dW/dV pass loads pair records 32 ahead when experts average more than
+// kGradPairsInFlight pairs (m = T * K / N): an iteration then waits on one load instead of two,
+// each expert once more, so experts of at most U pairs lose. Measured (H100, experts backward,
+// session 7, ahead against not, one card): m = 16 0.137-0.138 ms against 0.144-0.148,
+// m = 5.1 1.35 against 1.37-1.38, m = 1 4.32 against 4.01 (m = 20.5: 4.38 against 4.83 in
+// the 4a4ca18 table, another card).
 
 // fp32 accumulation, fp64 for f64 storage (as the CPU oracle does).
 template <typename T>
@@ -412,7 +417,28 @@ struct ExpertPass {
   int64_t items_per_group;  // consecutive (expert, slab) items per thread group
 };
 
+// The dW / dV sums of U pairs whose coefficients and rows are loaded.
 template <typename T, int VEC, int U>
+__device__ __forceinline__ void sum_pairs(acc_of<T> (&aw)[VEC], acc_of<T> (&av)[VEC],
+                                          const acc_of<T> (&da)[U], const acc_of<T> (&gh)[U],
+                                          const Chunk<T, VEC> (&xs)[U],
+                                          const Chunk<T, VEC> (&dys)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      aw[v] += da[u] * widen(xs[u].v[v]);
+      av[v] += gh[u] * widen(dys[u].v[v]);
+    }
+  }
+}
+
+// dW = sum da x and dV = sum g h dy per expert, over its pairs in schedule order (one fixed
+// order: bitwise deterministic), U pairs' rows in flight. kPairsAhead: each warp first loads the
+// next 32 pairs' tokens and coefficients, a lane each, and shuffles them, so an iteration's row
+// loads wait on registers instead of on a pair index first; the extra step per expert costs
+// experts of few pairs more than it saves (see kGradPairsInFlight).
+template <typename T, int VEC, int U, bool kPairsAhead>
 __global__ void __launch_bounds__(kBlock) expert_grads_kernel(const ExpertPass<T> p) {
   kernel_prologue();
   using A = acc_of<T>;
@@ -442,28 +468,50 @@ __global__ void __launch_bounds__(kBlock) expert_grads_kernel(const ExpertPass<T
     const int begin = p.tokens > 0 ? p.offsets[e] : 0;
     const int end = p.tokens > 0 ? p.offsets[e + 1] : 0;
     A aw[VEC] = {}, av[VEC] = {};
-    for (int base = begin; base < end; base += 32) {
-      // The next 32 pairs' tokens and coefficients, one per lane, loaded together: the row
-      // loads below then wait on one load, not on a pair index first.
-      const int count = min(32, end - base);
-      int my_t = 0;  // pair / K < 2^31: pair ids are int32
-      A my_da = A(0), my_gh = A(0);
-      if (warp_lane < count) {
-        const int pair = p.pair_order[base + warp_lane];
-        my_t = pair / p.top_k;
-        my_da = p.da[pair];
-        my_gh = p.gh[pair];
+    if constexpr (kPairsAhead) {
+      for (int base = begin; base < end; base += 32) {
+        const int count = min(32, end - base);
+        int my_t = 0;  // pair / K < 2^31: pair ids are int32
+        A my_da = A(0), my_gh = A(0);
+        if (warp_lane < count) {
+          const int pair = p.pair_order[base + warp_lane];
+          my_t = pair / p.top_k;
+          my_da = p.da[pair];
+          my_gh = p.gh[pair];
+        }
+        for (int i = 0; i < count; i += U) {
+          A da[U], gh[U];
+          C xs[U], dys[U];
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int src = (i + u) & 31;
+            const int64_t t = __shfl_sync(kFull, my_t, src);  // widened for the row address
+            da[u] = __shfl_sync(kFull, my_da, src);
+            gh[u] = __shfl_sync(kFull, my_gh, src);
+            if (i + u < count && in_row) {
+              xs[u] = load_chunk<T, VEC>(p.x + t * p.x_stride + chunk * VEC);
+              dys[u] = load_chunk<T, VEC>(p.dy + t * p.dy_stride + chunk * VEC);
+            } else {
+              da[u] = A(0);
+              gh[u] = A(0);
+              xs[u] = zero_chunk<T, VEC>();
+              dys[u] = zero_chunk<T, VEC>();
+            }
+          }
+          sum_pairs<T, VEC, U>(aw, av, da, gh, xs, dys);
+        }
       }
-      for (int i = 0; i < count; i += U) {
+    } else if (in_row) {
+      for (int i = begin; i < end; i += U) {
         A da[U], gh[U];
         C xs[U], dys[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int src = (i + u) & 31;
-          const int64_t t = __shfl_sync(kFull, my_t, src);  // widened for the row address
-          da[u] = __shfl_sync(kFull, my_da, src);
-          gh[u] = __shfl_sync(kFull, my_gh, src);
-          if (i + u < count && in_row) {
+          if (i + u < end) {
+            const int pair = p.pair_order[i + u];
+            const int64_t t = pair / p.top_k;
+            da[u] = p.da[pair];
+            gh[u] = p.gh[pair];
             xs[u] = load_chunk<T, VEC>(p.x + t * p.x_stride + chunk * VEC);
             dys[u] = load_chunk<T, VEC>(p.dy + t * p.dy_stride + chunk * VEC);
           } else {
@@ -473,82 +521,13 @@ __global__ void __launch_bounds__(kBlock) expert_grads_kernel(const ExpertPass<T
             dys[u] = zero_chunk<T, VEC>();
           }
         }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            aw[v] += da[u] * widen(xs[u].v[v]);
-            av[v] += gh[u] * widen(dys[u].v[v]);
-          }
-        }
+        sum_pairs<T, VEC, U>(aw, av, da, gh, xs, dys);
       }
     }
     if (in_row) {
       write_row_chunk<T, VEC>(p.dw + e * p.dw_stride + chunk * VEC, aw, false);
       write_row_chunk<T, VEC>(p.dv + e * p.dv_stride + chunk * VEC, av, false);
     }
-  }
-}
-
-// TEMPORARY (session 7 A/B): the kernel before the lane-parallel pair loads.
-template <typename T, int VEC, int U>
-__global__ void __launch_bounds__(kBlock) expert_grads_kernel_v0(const ExpertPass<T> p) {
-  kernel_prologue();
-  using A = acc_of<T>;
-  using C = Chunk<T, VEC>;
-  const int tpt = 1 << p.tpt_log2;
-  const int lane = threadIdx.x & (tpt - 1);
-  const int64_t group =
-      static_cast<int64_t>(blockIdx.x) * (kBlock >> p.tpt_log2) + (threadIdx.x >> p.tpt_log2);
-  // Each group walks a contiguous range of (expert, slab) items: neighbouring offsets share
-  // cache lines, and the dW / dV rows it writes are contiguous.
-  const int64_t items = p.num_experts * p.slabs;
-  const int64_t first = group * p.items_per_group;
-  const int64_t last = min(items, first + p.items_per_group);
-  int64_t next_expert = first / p.slabs;  // one division; the walk below only counts
-  int slab = static_cast<int>(first - next_expert * p.slabs);
-  for (int64_t item = first; item < last; ++item) {
-    const int64_t e = next_expert;
-    const int chunk = slab * tpt + lane;
-    if (++slab == p.slabs) {
-      slab = 0;
-      ++next_expert;
-    }
-    if (chunk >= p.nchunks) continue;
-    // T = 0: the schedule was never built; every row is zero.
-    const int begin = p.tokens > 0 ? p.offsets[e] : 0;
-    const int end = p.tokens > 0 ? p.offsets[e + 1] : 0;
-    A aw[VEC] = {}, av[VEC] = {};
-    for (int i = begin; i < end; i += U) {
-      A da[U], gh[U];
-      C xs[U], dys[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (i + u < end) {
-          const int pair = p.pair_order[i + u];
-          const int64_t t = pair / p.top_k;
-          da[u] = p.da[pair];
-          gh[u] = p.gh[pair];
-          xs[u] = load_chunk<T, VEC>(p.x + t * p.x_stride + chunk * VEC);
-          dys[u] = load_chunk<T, VEC>(p.dy + t * p.dy_stride + chunk * VEC);
-        } else {
-          da[u] = A(0);
-          gh[u] = A(0);
-          xs[u] = zero_chunk<T, VEC>();
-          dys[u] = zero_chunk<T, VEC>();
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          aw[v] += da[u] * widen(xs[u].v[v]);
-          av[v] += gh[u] * widen(dys[u].v[v]);
-        }
-      }
-    }
-    write_row_chunk<T, VEC>(p.dw + e * p.dw_stride + chunk * VEC, aw, false);
-    write_row_chunk<T, VEC>(p.dv + e * p.dv_stride + chunk * VEC, av, false);
   }
 }
 
@@ -693,13 +672,14 @@ void launch_expert_pass(ExpertPass<T> p, int device, cudaStream_t stream) {
   p.items_per_group = std::max<int64_t>(1, ceil_div(items, groups));
   const int64_t blocks = ceil_div(ceil_div(items, p.items_per_group), groups_per_block);
   OMNIMOE_CHECK(blocks <= INT32_MAX, "experts gather: grid too large");
-if (std::getenv("OMNIMOE_GRADS_V0") != nullptr) {
-      launch_kernel("expert_grads_kernel", expert_grads_kernel_v0<T, VEC, kGradPairsInFlight>,
-                dim3(static_cast<unsigned>(blocks)), dim3(kBlock), 0, stream, p);
-    return;
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (p.tokens * p.top_k > int64_t{kGradPairsInFlight} * p.num_experts) {
+    launch_kernel("expert_grads_kernel", expert_grads_kernel<T, VEC, kGradPairsInFlight, true>,
+                  grid, dim3(kBlock), 0, stream, p);
+  } else {
+    launch_kernel("expert_grads_kernel", expert_grads_kernel<T, VEC, kGradPairsInFlight, false>,
+                  grid, dim3(kBlock), 0, stream, p);
   }
-    launch_kernel("expert_grads_kernel", expert_grads_kernel<T, VEC, kGradPairsInFlight>,
-                dim3(static_cast<unsigned>(blocks)), dim3(kBlock), 0, stream, p);
 }
 
 template <typename T>
