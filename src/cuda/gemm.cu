@@ -366,7 +366,8 @@ bool same_layout(const TensorView& x, const TensorView& y) {
 
 // Elements from `first` to `second` when the difference is whole and not negative; else -1.
 int64_t element_offset(const TensorView& first, const TensorView& second) {
-  const auto bytes = reinterpret_cast<intptr_t>(second.data) - reinterpret_cast<intptr_t>(first.data);
+  const auto bytes =
+      reinterpret_cast<intptr_t>(second.data) - reinterpret_cast<intptr_t>(first.data);
   const auto elem = static_cast<intptr_t>(dtype_size(first.dtype));
   return bytes >= 0 && bytes % elem == 0 ? static_cast<int64_t>(bytes / elem) : -1;
 }
