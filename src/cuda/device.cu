@@ -1,9 +1,8 @@
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <utility>
 
+#include "core/env.h"
 #include "cuda/cuda_common.cuh"
 
 namespace omnimoe {
@@ -43,10 +42,7 @@ int cached_attribute(int device, cudaDeviceAttr attribute) {
 int64_t l2_bytes(int device) { return cached_attribute(device, cudaDevAttrL2CacheSize); }
 
 bool dependent_launch() {
-  static const bool requested = [] {
-    const char* v = std::getenv("OMNIMOE_PDL");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
+  static const bool requested = detail::env_equals("OMNIMOE_PDL", "1");
   if (!requested) return false;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {

@@ -3,10 +3,10 @@
 // per token row, zeros included, so that each matrix is written once with 16-byte stores.
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "backend/backend.h"
+#include "core/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/experts_activation.cuh"
 #include "cuda/experts_dense.cuh"
@@ -48,8 +48,7 @@ enum class Direction { forward, backward };
 // preact carries that rounding, beyond the f32 tolerance preact is held to (see the design doc).
 // The backward's S stays f32: DA's high/low split needs s exactly.
 bool forward_scores_in_storage() {
-  const char* v = std::getenv("OMNIMOE_EXPERTS_DENSE_SCORES");
-  return v && std::strcmp(v, "storage") == 0;
+  return detail::env_equals("OMNIMOE_EXPERTS_DENSE_SCORES", "storage");
 }
 
 // Bytes of one element of S.
@@ -62,8 +61,7 @@ int64_t score_bytes(DType dtype, Direction dir) {
 // OMNIMOE_EXPERTS_DENSE_FORWARD=experts (chunks of experts, y summed in fp32); backward always in
 // chunks of experts.
 bool forward_by_experts() {
-  const char* v = std::getenv("OMNIMOE_EXPERTS_DENSE_FORWARD");
-  return v && std::strcmp(v, "experts") == 0;
+  return detail::env_equals("OMNIMOE_EXPERTS_DENSE_FORWARD", "experts");
 }
 
 // How a call is cut: `count` chunks of `size` tokens (forward by tokens) or experts (the last

@@ -4,13 +4,12 @@
 #include <cublasLt.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <tuple>
 
+#include "core/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/gemm.h"
 
@@ -374,10 +373,7 @@ int64_t element_offset(const TensorView& first, const TensorView& second) {
 
 // OMNIMOE_GEMM_PAIR=separate runs every pair as two products (to time both ways).
 bool pairs_batched() {
-  static const bool batched = [] {
-    const char* v = std::getenv("OMNIMOE_GEMM_PAIR");
-    return v == nullptr || std::strcmp(v, "separate") != 0;
-  }();
+  static const bool batched = !detail::env_equals("OMNIMOE_GEMM_PAIR", "separate");
   return batched;
 }
 

@@ -3,10 +3,9 @@
 // log_softmax and selects (small K and axes: a warp per token, the log-probs never leave
 // registers), or a normalise + log_softmax kernel followed by the block selection.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "backend/backend.h"
+#include "core/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/gemm.h"
 #include "cuda/router_common.cuh"
@@ -166,10 +165,7 @@ void launch_normalize_log_softmax(float* row_logits, float* col_logits, int nr, 
 // OMNIMOE_ROUTER_FORWARD=unfused runs the normalise kernel and the selection apart where they
 // would be fused (to time both; the results are the same).
 bool fused_path_allowed() {
-  static const bool allowed = [] {
-    const char* v = std::getenv("OMNIMOE_ROUTER_FORWARD");
-    return v == nullptr || std::strcmp(v, "unfused") != 0;
-  }();
+  static const bool allowed = !detail::env_equals("OMNIMOE_ROUTER_FORWARD", "unfused");
   return allowed;
 }
 
