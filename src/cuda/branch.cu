@@ -1,6 +1,8 @@
-// BranchFork on CUDA: a cached side stream per device, fork and join by event record/wait.
+// BranchFork on CUDA: cached side streams per device and lane, fork and join by event
+// record/wait.
 #include <map>
 #include <mutex>
+#include <utility>
 
 #include "backend/branch.h"
 #include "cuda/cuda_common.cuh"
@@ -21,17 +23,18 @@ class RelaxedCapture {
   cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
 };
 
-// One side stream per device, created on first use and kept for the life of the process (like
-// the cuBLASLt handles). Non-blocking: it orders against the caller only through our events.
+// One side stream per (device, lane), created on first use and kept for the life of the
+// process (like the cuBLASLt handles). Non-blocking: it orders against the caller only through
+// our events.
 // Greatest priority: the block scheduler hands freed SMs to its kernels first, so a chain of
 // small kernels there advances while a GEMM on the caller's (default-priority) stream fills the
 // device. Captured kernels keep it as a node attribute, honoured by graphs instantiated with
 // cudaGraphInstantiateFlagUseNodePriority.
-cudaStream_t side_stream_for(int device) {
+cudaStream_t side_stream_for(int device, int lane) {
   static std::mutex mutex;
-  static std::map<int, cudaStream_t> streams;
+  static std::map<std::pair<int, int>, cudaStream_t> streams;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = streams.find(device);
+  auto it = streams.find({device, lane});
   if (it != streams.end()) return it->second;
   cudaStream_t s = nullptr;
   {
@@ -40,7 +43,7 @@ cudaStream_t side_stream_for(int device) {
     OMNIMOE_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     OMNIMOE_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest));
   }
-  streams.emplace(device, s);
+  streams.emplace(std::make_pair(device, lane), s);
   return s;
 }
 
@@ -81,10 +84,12 @@ void order_after(cudaStream_t from, cudaStream_t to, int device) {
 
 }  // namespace
 
-BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {
+BranchFork::BranchFork(const Exec& exec, int lane) : exec_(exec), side_(exec) {
   if (exec.device.type != DeviceType::cuda) return;
   cuda::DeviceGuard guard(exec);
-  const cudaStream_t side = side_stream_for(exec.device.index);
+  const cudaStream_t side = side_stream_for(exec.device.index, lane);
+  OMNIMOE_CHECK(side != cuda::stream_of(exec), "BranchFork: lane ", lane,
+                " is the stream it forks from; a nested fork needs another lane");
   order_after(cuda::stream_of(exec), side, exec.device.index);
   side_.stream = side;
 }
