@@ -2,6 +2,8 @@
 #include <omnimoe/layer.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "backend/backend.h"
 #include "backend/branch.h"
@@ -69,6 +71,16 @@ LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLay
 // branch then needs its own workspace region, and the expert branch a private [T, d] output (y,
 // dx) that the MLP's last products add after the join (mlp_joined.h), with no add kernel. The
 // CPU runs them in order, writing y and dx directly.
+// OMNIMOE_LAYER_SCHEDULE=inline: the backward builds the schedule on the expert branch's stream
+// before the experts' backward, as before the third stream (to time the two).
+bool schedule_inline() {
+  static const bool inline_ = [] {
+    const char* v = std::getenv("OMNIMOE_LAYER_SCHEDULE");
+    return v != nullptr && std::strcmp(v, "inline") == 0;
+  }();
+  return inline_;
+}
+
 bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
   return exec.device.type == DeviceType::cuda && cfg.intermediate > 0;
 }
@@ -249,11 +261,13 @@ void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeig
     const Exec& side = fork.side();
     // Only the experts' dW / dV pass reads the schedule: it is built on a third stream, beside
     // the experts' token pass (in a workspace region of its own), and joined just before it.
+    // OMNIMOE_LAYER_SCHEDULE=inline builds it on the expert branch's stream first (for timing).
     BranchFork schedule_fork(side, /*lane=*/1);
     if (reads_schedule) {
       const Buffer schedule_ws =
           take_front(rest, align_up(schedule_workspace_bytes(cfg, tokens, exec)));
-      schedule_build(cfg, s.routing.indices, schedule, schedule_ws, schedule_fork.side());
+      schedule_build(cfg, s.routing.indices, schedule, schedule_ws,
+                     schedule_inline() ? side : schedule_fork.side());
     }
     experts_backward_joined(cfg, x, weights.experts, s.routing.indices, s.routing.gates,
                             s.expert_preact, schedule, dy, dx_experts, /*accumulate_dx=*/false,
