@@ -64,13 +64,17 @@ LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLay
 
 // On CUDA the shared MLP and the expert branch (router -> experts forward; experts -> router
 // backward, with the schedule built on a third stream beside the experts' token pass) run
-// concurrently: the expert branch on BranchFork's high-priority side
-// stream, so its chain of small kernels takes SMs as they free instead of queueing behind the
-// MLP's GEMMs, and the MLP on the caller's stream. (Sizing the MLP's products for fewer SMs,
-// Exec::sm_count, to leave room for the expert branch was measured and gained nothing.) Each
-// branch then needs its own workspace region, and the expert branch a private [T, d] output (y,
-// dx) that the MLP's last products add after the join (mlp_joined.h), with no add kernel. The
-// CPU runs them in order, writing y and dx directly.
+// concurrently: the expert branch on BranchFork's high-priority side stream, so its chain of
+// small kernels takes SMs as they free instead of queueing behind the MLP's GEMMs, and the MLP
+// on the caller's stream. (Sizing the MLP's products for fewer SMs, Exec::sm_count, to leave
+// room for the expert branch was measured and gained nothing.) Each branch then needs its own
+// workspace region, and the expert branch a private [T, d] output (y, dx) that the MLP's last
+// products add after the join (mlp_joined.h), with no add kernel. The CPU runs them in order,
+// writing y and dx directly.
+bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
+  return exec.device.type == DeviceType::cuda && cfg.intermediate > 0;
+}
+
 // OMNIMOE_LAYER_SCHEDULE=inline: the backward builds the schedule on the expert branch's stream
 // before the experts' backward, as before the third stream (to time the two).
 bool schedule_inline() {
@@ -79,10 +83,6 @@ bool schedule_inline() {
     return v != nullptr && std::strcmp(v, "inline") == 0;
   }();
   return inline_;
-}
-
-bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
-  return exec.device.type == DeviceType::cuda && cfg.intermediate > 0;
 }
 
 // Bytes of a [T, d] temporary in the storage dtype.
