@@ -2,12 +2,11 @@
 #include <omnimoe/layer.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "backend/backend.h"
 #include "backend/branch.h"
 #include "core/check.h"
+#include "core/env.h"
 #include "core/validate.h"
 #include "ops/experts_joined.h"
 #include "ops/mlp_joined.h"
@@ -78,10 +77,7 @@ bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
 // OMNIMOE_LAYER_SCHEDULE=inline: the backward builds the schedule on the expert branch's stream
 // before the experts' backward, as before the third stream (to time the two).
 bool schedule_inline() {
-  static const bool inline_ = [] {
-    const char* v = std::getenv("OMNIMOE_LAYER_SCHEDULE");
-    return v != nullptr && std::strcmp(v, "inline") == 0;
-  }();
+  static const bool inline_ = env_equals("OMNIMOE_LAYER_SCHEDULE", "inline");
   return inline_;
 }
 
