@@ -71,6 +71,11 @@ struct Exec {
   // CUDA: how many SMs the call's matrix products aim to fill (0 = all). For callers that run
   // other work beside the call; cuBLASLt then sizes its products for that many SMs.
   int sm_count = 0;
+  // CUDA: layer_forward / layer_backward issue their kernels as the replay of a cached CUDA graph
+  // (captured on each call, the cached executable updated to it): the GPU starts each kernel
+  // sooner than after a stream launch. Off: every kernel is launched on the stream. Either way
+  // the results are the same; inside the caller's own capture the kernels are always launched.
+  bool graph_replay = true;
 };
 
 // True when this build contains the CUDA backend and a CUDA device is visible.

@@ -2,9 +2,11 @@
 #include <omnimoe/layer.h>
 
 #include <algorithm>
+#include <string>
 
 #include "backend/backend.h"
 #include "backend/branch.h"
+#include "backend/graph_replay.h"
 #include "core/check.h"
 #include "core/env.h"
 #include "core/validate.h"
@@ -136,54 +138,18 @@ void check_layer_args(const char* op, const LayerConfig& cfg, const TensorView& 
   check_token_count(op, cfg, x.shape[0]);
 }
 
-}  // namespace
-
-size_t layer_saved_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype) {
-  cfg.validate();
-  check_storage_dtype("layer_saved_bytes", "dtype", dtype);
-  check_token_count("layer_saved_bytes", cfg, tokens);
-  SavedLayout L;
-  lay_out(cfg, tokens, dtype, L);
-  return L.offset;
+// The cached graph of a layer call: one per op, shape, dtype and mode.
+std::string graph_key(const char* op, const LayerConfig& cfg, int64_t tokens, DType dtype,
+                      bool training, const Exec& exec) {
+  return std::string(op) + " " + cfg.describe() + " T=" + std::to_string(tokens) + " " +
+         dtype_name(dtype) + (training ? " training" : " eval") +
+         (exec.deterministic ? "" : " atomics") + " sm=" + std::to_string(exec.sm_count);
 }
 
-LayerSaved layer_saved_views(const LayerConfig& cfg, int64_t tokens, DType dtype, Buffer saved,
-                             Device device) {
-  check_buffer("layer_saved_views", "saved", saved, layer_saved_bytes(cfg, tokens, dtype));
-  OMNIMOE_CHECK(reinterpret_cast<uintptr_t>(saved.data) % 16 == 0,
-                "layer_saved_views: saved must be 16-byte aligned, got address ", saved.data);
-  SavedLayout L;
-  L.base = static_cast<char*>(saved.data);
-  L.device = device;
-  return lay_out(cfg, tokens, dtype, L);
-}
-
-size_t layer_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
-                                     const Exec& exec) {
-  const size_t experts = expert_branch_forward_bytes(cfg, tokens, dtype, exec);
-  if (branches_concurrent(cfg, exec)) {
-    // [experts' y | MLP region | expert branch region]
-    return hidden_bytes(cfg, tokens, dtype) +
-           align_up(mlp_forward_workspace_bytes(cfg, tokens, dtype, exec)) + experts;
-  }
-  // The ops run one after another on one stream, so they share one workspace.
-  if (cfg.intermediate > 0) {
-    return std::max(experts, mlp_forward_workspace_bytes(cfg, tokens, dtype, exec));
-  }
-  return experts;
-}
-
-void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
-                   const RouterNormState& norm, bool training, const TensorView& y, Buffer saved,
-                   Buffer workspace, const Exec& exec) {
-  const char* op = "layer_forward";
-  check_layer_args(op, cfg, x, exec);
+void forward_issue(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
+                   const RouterNormState& norm, bool training, const TensorView& y,
+                   const LayerSaved& s, Buffer workspace, const Exec& exec) {
   const int64_t tokens = x.shape[0];
-  check_matrix(op, "y", y, tokens, cfg.hidden, x.dtype, exec.device);
-  check_buffer(op, "workspace", workspace,
-               layer_forward_workspace_bytes(cfg, tokens, x.dtype, exec));
-  const LayerSaved s = layer_saved_views(cfg, tokens, x.dtype, saved, exec.device);
-
   if (branches_concurrent(cfg, exec)) {
     Buffer rest = workspace;
     const Buffer y_experts_buf = take_front(rest, hidden_bytes(cfg, tokens, x.dtype));
@@ -208,35 +174,11 @@ void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeigh
                   /*accumulate=*/has_mlp, s.expert_preact, workspace, exec);
 }
 
-size_t layer_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
-                                      const Exec& exec) {
-  // dgates (f32 [T, K]) passes from the experts' backward to the router's.
-  const size_t dgates = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
-  if (branches_concurrent(cfg, exec)) {
-    // [dgates | experts' dx | MLP region | expert branch region (schedule first, then the
-    // schedule's workspace when it is built on a stream of its own)]
-    const bool apart = experts_backward_reads_schedule(cfg, tokens, dtype, exec);
-    return dgates + hidden_bytes(cfg, tokens, dtype) +
-           align_up(mlp_backward_workspace_bytes(cfg, tokens, dtype, exec)) +
-           expert_branch_backward_bytes(cfg, tokens, dtype, exec, apart);
-  }
-  size_t ops = expert_branch_backward_bytes(cfg, tokens, dtype, exec, false);
-  if (cfg.intermediate > 0) {
-    ops = std::max(ops, mlp_backward_workspace_bytes(cfg, tokens, dtype, exec));
-  }
-  return dgates + ops;
-}
-
-void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
-                    bool training, Buffer saved, const TensorView& dy, const TensorView& dx,
-                    const LayerGrads& grads, Buffer workspace, const Exec& exec) {
-  const char* op = "layer_backward";
-  check_layer_args(op, cfg, x, exec);
+void backward_issue(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
+                    bool training, const LayerSaved& s, const TensorView& dy,
+                    const TensorView& dx, const LayerGrads& grads, Buffer workspace,
+                    const Exec& exec) {
   const int64_t tokens = x.shape[0];
-  check_buffer(op, "workspace", workspace,
-               layer_backward_workspace_bytes(cfg, tokens, x.dtype, exec));
-  const LayerSaved s = layer_saved_views(cfg, tokens, x.dtype, saved, exec.device);
-
   const size_t dgates_bytes = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
   const TensorView dgates =
       TensorView::contiguous(workspace.data, DType::f32, {tokens, cfg.top_k}, exec.device);
@@ -288,6 +230,93 @@ void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeig
                    exec);
   router_backward(cfg, x, weights.router, training, s.router, s.routing, dgates, dx,
                   /*accumulate_dx=*/true, grads.router, rest, exec);
+}
+
+}  // namespace
+
+size_t layer_saved_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype) {
+  cfg.validate();
+  check_storage_dtype("layer_saved_bytes", "dtype", dtype);
+  check_token_count("layer_saved_bytes", cfg, tokens);
+  SavedLayout L;
+  lay_out(cfg, tokens, dtype, L);
+  return L.offset;
+}
+
+LayerSaved layer_saved_views(const LayerConfig& cfg, int64_t tokens, DType dtype, Buffer saved,
+                             Device device) {
+  check_buffer("layer_saved_views", "saved", saved, layer_saved_bytes(cfg, tokens, dtype));
+  OMNIMOE_CHECK(reinterpret_cast<uintptr_t>(saved.data) % 16 == 0,
+                "layer_saved_views: saved must be 16-byte aligned, got address ", saved.data);
+  SavedLayout L;
+  L.base = static_cast<char*>(saved.data);
+  L.device = device;
+  return lay_out(cfg, tokens, dtype, L);
+}
+
+size_t layer_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                     const Exec& exec) {
+  const size_t experts = expert_branch_forward_bytes(cfg, tokens, dtype, exec);
+  if (branches_concurrent(cfg, exec)) {
+    // [experts' y | MLP region | expert branch region]
+    return hidden_bytes(cfg, tokens, dtype) +
+           align_up(mlp_forward_workspace_bytes(cfg, tokens, dtype, exec)) + experts;
+  }
+  // The ops run one after another on one stream, so they share one workspace.
+  if (cfg.intermediate > 0) {
+    return std::max(experts, mlp_forward_workspace_bytes(cfg, tokens, dtype, exec));
+  }
+  return experts;
+}
+
+void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
+                   const RouterNormState& norm, bool training, const TensorView& y, Buffer saved,
+                   Buffer workspace, const Exec& exec) {
+  const char* op = "layer_forward";
+  check_layer_args(op, cfg, x, exec);
+  const int64_t tokens = x.shape[0];
+  check_matrix(op, "y", y, tokens, cfg.hidden, x.dtype, exec.device);
+  check_buffer(op, "workspace", workspace,
+               layer_forward_workspace_bytes(cfg, tokens, x.dtype, exec));
+  const LayerSaved s = layer_saved_views(cfg, tokens, x.dtype, saved, exec.device);
+
+  issue_as_graph(exec, graph_key(op, cfg, tokens, x.dtype, training, exec), [&](const Exec& e) {
+    forward_issue(cfg, x, weights, norm, training, y, s, workspace, e);
+  });
+}
+
+size_t layer_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
+                                      const Exec& exec) {
+  // dgates (f32 [T, K]) passes from the experts' backward to the router's.
+  const size_t dgates = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
+  if (branches_concurrent(cfg, exec)) {
+    // [dgates | experts' dx | MLP region | expert branch region (schedule first, then the
+    // schedule's workspace when it is built on a stream of its own)]
+    const bool apart = experts_backward_reads_schedule(cfg, tokens, dtype, exec);
+    return dgates + hidden_bytes(cfg, tokens, dtype) +
+           align_up(mlp_backward_workspace_bytes(cfg, tokens, dtype, exec)) +
+           expert_branch_backward_bytes(cfg, tokens, dtype, exec, apart);
+  }
+  size_t ops = expert_branch_backward_bytes(cfg, tokens, dtype, exec, false);
+  if (cfg.intermediate > 0) {
+    ops = std::max(ops, mlp_backward_workspace_bytes(cfg, tokens, dtype, exec));
+  }
+  return dgates + ops;
+}
+
+void layer_backward(const LayerConfig& cfg, const TensorView& x, const LayerWeights& weights,
+                    bool training, Buffer saved, const TensorView& dy, const TensorView& dx,
+                    const LayerGrads& grads, Buffer workspace, const Exec& exec) {
+  const char* op = "layer_backward";
+  check_layer_args(op, cfg, x, exec);
+  const int64_t tokens = x.shape[0];
+  check_buffer(op, "workspace", workspace,
+               layer_backward_workspace_bytes(cfg, tokens, x.dtype, exec));
+  const LayerSaved s = layer_saved_views(cfg, tokens, x.dtype, saved, exec.device);
+
+  issue_as_graph(exec, graph_key(op, cfg, tokens, x.dtype, training, exec), [&](const Exec& e) {
+    backward_issue(cfg, x, weights, training, s, dy, dx, grads, workspace, e);
+  });
 }
 
 }  // namespace omnimoe

@@ -1,6 +1,7 @@
 // The layer with its two branches (shared MLP; router -> schedule -> experts) running concurrently
 // on CUDA: forward + backward against the CPU on a user stream, on the legacy default stream, and
-// captured in a CUDA graph (replayed twice, each replay equal to the eager run bit for bit).
+// captured in a CUDA graph (replayed twice, each replay equal to the eager run bit for bit); the
+// library's own graph replay (Exec::graph_replay) against launching every kernel.
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
@@ -241,6 +242,35 @@ TEST_P(LayerOverlapCuda, GraphCaptureMatchesCpuAndEager) {
   }
   cudaGraphExecDestroy(graph_exec);
   cudaGraphDestroy(graph);
+}
+
+// Exec::graph_replay: the cached graph, updated to other buffers on every call, gives what
+// launching each kernel gives, bit for bit; so does the first capture (instantiation).
+TEST_P(LayerOverlapCuda, GraphReplayMatchesKernelLaunches) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  const OverlapCase c = GetParam();
+  const LayerConfig cfg = config_of(c);
+  CudaStream stream;
+  Exec launched = cuda_exec(stream.get());
+  launched.graph_replay = false;
+  Exec replayed = launched;
+  replayed.graph_replay = true;
+  const Tensors t1 = random_tensors(c, seed_of(c) + 3), t2 = random_tensors(c, seed_of(c) + 4);
+  DeviceSide a(c, cfg, t1, launched), b(c, cfg, t2, launched);
+  a.run(cfg, launched);
+  b.run(cfg, launched);
+  stream.synchronize();
+  const std::vector<HostTensor> want_a = a.outputs(), want_b = b.outputs();
+  expect_matches_cpu(c, want_a, cpu_outputs(c, cfg, t1), "kernel launches");
+  // a, b, a: the same cached graph moved between two sets of buffers.
+  for (int call = 0; call < 3; ++call) {
+    DeviceSide& dev = call % 2 == 0 ? a : b;
+    dev.reset();
+    dev.run(cfg, replayed);
+    stream.synchronize();
+    expect_bitwise(dev.outputs(), call % 2 == 0 ? want_a : want_b,
+                   "graph replay, call " + std::to_string(call));
+  }
 }
 
 const std::vector<OverlapCase> kCases = {
