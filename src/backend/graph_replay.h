@@ -12,9 +12,9 @@
 namespace omnimoe::detail {
 
 // Runs issue(e), where e is exec on another stream: on CUDA the work is captured on a library
-// stream into a graph, which updates the executable graph cached under `key` (instantiated on
-// first use, or again when the capture's topology changed) and is launched after everything
-// already queued on exec.stream, and before what is queued there later. Calls issue(exec) itself
+// stream into a graph, which updates the executable graph cached under (device, exec.stream,
+// `key`) (instantiated on first use, or again when the capture's topology changed), and that is
+// launched on exec.stream. Calls issue(exec) itself
 // on the CPU, when exec.graph_replay is false or OMNIMOE_GRAPH_REPLAY=off, and when exec.stream
 // is being captured (the caller's graph then takes the kernels). `key` only picks the cached
 // graph: two calls with different keys never share one, calls with the same key share it, and a

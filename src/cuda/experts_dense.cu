@@ -33,13 +33,7 @@ size_t round_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 __host__ __device__ constexpr int64_t padded(int64_t cols) { return ceil_div(cols, 8) * 8; }
 
 // A positive cap from the environment, or 0.
-int64_t env_cap(const char* name) {
-  if (const char* v = std::getenv(name); v && *v) {
-    const long long n = std::strtoll(v, nullptr, 10);
-    if (n > 0) return n;
-  }
-  return 0;
-}
+int64_t env_cap(const char* name) { return detail::env_int(name, 1, INT64_MAX); }
 
 enum class Direction { forward, backward };
 

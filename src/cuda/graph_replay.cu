@@ -125,8 +125,9 @@ void issue_as_graph(const Exec& exec, const std::string& key,
   static GraphCache cache;
   std::lock_guard<std::mutex> lock(mutex);
   const int device = exec.device.index;
-  // Least priority, as the caller's default-priority stream: the kernels issued on it keep the
-  // priority they would have had there.
+  // Captured on a library stream (the caller's may be the legacy stream, which cannot be
+  // captured) of least priority, as a default-priority caller's: the kernels keep the priority
+  // they would have had there. Only recorded there; the graph runs on the caller's stream.
   const cudaStream_t s = cuda::library_stream(device, 0, cuda::StreamPriority::least);
   Exec inner = exec;
   inner.stream = s;
@@ -136,10 +137,11 @@ void issue_as_graph(const Exec& exec, const std::string& key,
     issue(inner);
     owner.graph = capture.end();
   }
-  const cudaGraphExec_t graph_exec = cache.fit(std::to_string(device) + "/" + key, owner.graph);
-  cuda::order_after(caller, s, device);
-  OMNIMOE_CUDA_CHECK(cudaGraphLaunch(graph_exec, s));
-  cuda::order_after(s, caller, device);
+  // The caller's stream in the key: launches of one executable graph run one after another, so
+  // calls on two streams get a graph each and stay free to overlap.
+  const std::string where = std::to_string(device) + "/" +
+                            std::to_string(reinterpret_cast<uintptr_t>(caller)) + "/" + key;
+  OMNIMOE_CUDA_CHECK(cudaGraphLaunch(cache.fit(where, owner.graph), caller));
 }
 
 }  // namespace omnimoe::detail

@@ -40,6 +40,7 @@
 //     the region), a bucket holds more than kMaxBucket entries, or no threshold is found in
 //     kMaxPasses passes (heavy ties).
 #include "backend/backend.h"
+#include "core/env.h"
 #include "cuda/router_common.cuh"
 #include "cuda/router_select.cuh"
 #include "cuda/router_warp_row.cuh"
@@ -686,9 +687,7 @@ struct BucketShape {
 // For timing: OMNIMOE_ROUTER_BUCKET_THREADS = 128, 256 or 512 sets the bucket kernel's CTA size,
 // OMNIMOE_ROUTER_BUCKET_CAP = c its candidates to c / 10 * K + 32 (c in 10 to 80; 25 default).
 int bucket_env(const char* name, int lo, int hi) {
-  const char* v = std::getenv(name);
-  const int n = v == nullptr ? 0 : std::atoi(v);
-  return n >= lo && n <= hi ? n : 0;
+  return static_cast<int>(detail::env_int(name, lo, hi));
 }
 
 BucketShape make_bucket_shape(const SelectShape& s) {
@@ -1439,9 +1438,8 @@ bool use_warp_kernel(const LayerConfig& cfg) {
 // with OMNIMOE_ROUTER_WARP_CTAS=4 (the earlier build), for timing.
 int warp_ctas_per_sm() {
   static const int ctas = [] {
-    const char* v = std::getenv("OMNIMOE_ROUTER_WARP_CTAS");
-    const int n = v == nullptr ? 0 : std::atoi(v);
-    return n == 4 || n == 5 ? n : 6;
+    const int64_t n = detail::env_int("OMNIMOE_ROUTER_WARP_CTAS", 4, 5);
+    return n != 0 ? static_cast<int>(n) : 6;
   }();
   return ctas;
 }

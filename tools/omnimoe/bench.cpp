@@ -4,6 +4,8 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <exception>
 #include <functional>
@@ -161,6 +163,12 @@ RunReport bench_one(Platform& p, const BenchConfig& c, const BenchOptions& o) {
   } catch (const std::exception& e) {
     run.experts_path = std::string("n/a (") + e.what() + ")";
   }
+  const char* replay_env = std::getenv("OMNIMOE_GRAPH_REPLAY");
+  const bool replay_off = replay_env != nullptr && std::strcmp(replay_env, "off") == 0;
+  run.layer_issue = p.device().type != DeviceType::cuda ? "direct (CPU)"
+                    : !setup.exec.graph_replay || replay_off
+                        ? "kernel launches (graph replay off)"
+                        : "graph replay of the layer's kernels (Exec::graph_replay)";
   const LayerWork w = count_work(c, run.distinct_experts);
 
   const LayerConfig& l = c.layer;

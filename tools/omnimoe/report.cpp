@@ -72,6 +72,7 @@ void print_run(std::FILE* out, const BenchReport& report, const RunReport& run) 
                static_cast<long long>(run.distinct_experts));
   std::fprintf(out, "  experts  execution path: %s; routing of the op rows: %s\n",
                run.experts_path.c_str(), run.routing_source.c_str());
+  std::fprintf(out, "  issue    eager layer calls: %s\n", run.layer_issue.c_str());
   const bool cuda = report.device_type == "cuda";
   std::fprintf(out,
                "  timing   median of %d runs after %d warm-up runs, %s; %d rotating input set%s; "
@@ -297,6 +298,7 @@ std::string run_json(const RunReport& run, const Ceilings& ce, int indent) {
       .add("derived", der.text())
       .str("experts_execution", run.experts_path)
       .str("routing", run.routing_source)
+      .str("layer_issue", run.layer_issue)
       .add("timing", timing.text())
       .add("memory", mem.text())
       .add("rows", array(rows, indent + 2))

@@ -33,6 +33,7 @@ struct RunReport {
   int64_t distinct_experts = 0;
   std::string experts_path;    // omnimoe::experts_execution
   std::string routing_source;  // where the indices of the op rows and baselines came from
+  std::string layer_issue;     // how the eager layer rows issue their kernels (graph replay or not)
   int warmup = 0, iters = 0, rotation_sets = 1;
   size_t saved_bytes = 0, forward_workspace_bytes = 0, backward_workspace_bytes = 0;
   size_t layer_peak_bytes = 0;     // everything the tool allocated for the library rows
