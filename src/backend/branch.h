@@ -1,7 +1,6 @@
 // Fork/join of two branches of work inside one op call. On CUDA, side() runs on a library-owned
-// stream (one per device and lane, non-blocking, greatest priority) that first waits for
-// everything already queued on exec.stream, and join() makes exec.stream wait for the side
-// stream; both are
+// stream (one per device, non-blocking, greatest priority) that first waits for everything
+// already queued on exec.stream, and join() makes exec.stream wait for the side stream; both are
 // event record/wait pairs, so they work on the legacy default stream and are captured into a
 // CUDA graph as two parallel branches. On the CPU side() is exec itself and join() does nothing.
 #pragma once
@@ -12,8 +11,7 @@ namespace omnimoe::detail {
 
 class BranchFork {
  public:
-  // lane picks the side stream: forks nested inside a side branch take another lane than it.
-  explicit BranchFork(const Exec& exec, int lane = 0);
+  explicit BranchFork(const Exec& exec);
   ~BranchFork();
   BranchFork(const BranchFork&) = delete;
   BranchFork& operator=(const BranchFork&) = delete;

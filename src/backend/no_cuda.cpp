@@ -10,7 +10,7 @@ namespace omnimoe {
 bool cuda_available() { return false; }
 
 namespace detail {
-BranchFork::BranchFork(const Exec& exec, int) : exec_(exec), side_(exec) {}
+BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {}
 void BranchFork::join() {}
 BranchFork::~BranchFork() = default;
 

@@ -162,16 +162,4 @@ void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertW
   });
 }
 
-void experts_backward_joined(const LayerConfig& cfg, const TensorView& x,
-                             const ExpertWeights& weights, const TensorView& indices,
-                             const TensorView& gates, const TensorView& preact,
-                             const Schedule& schedule, const TensorView& dy, const TensorView& dx,
-                             bool accumulate_dx, const ExpertWeights& grads,
-                             const TensorView& dgates, const std::function<void()>& schedule_ready,
-                             Buffer workspace, const Exec& exec) {
-  schedule_ready();
-  cpu::experts_backward(cfg, x, weights, indices, gates, preact, schedule, dy, dx, accumulate_dx,
-                        grads, dgates, workspace, exec);
-}
-
 }  // namespace omnimoe::cpu

@@ -1,5 +1,5 @@
-// BranchFork on CUDA: a library stream per device and lane (stream_order.cuh), fork and join by
-// event record / wait.
+// BranchFork on CUDA: a library stream per device (stream_order.cuh), fork and join by event
+// record / wait.
 #include "backend/branch.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/stream_order.cuh"
@@ -10,13 +10,11 @@ namespace omnimoe::detail {
 // first, so a chain of small kernels there advances while a GEMM on the caller's
 // (default-priority) stream fills the device. Captured kernels keep it as a node attribute,
 // honoured by graphs instantiated with cudaGraphInstantiateFlagUseNodePriority.
-BranchFork::BranchFork(const Exec& exec, int lane) : exec_(exec), side_(exec) {
+BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {
   if (exec.device.type != DeviceType::cuda) return;
   cuda::DeviceGuard guard(exec);
   const cudaStream_t side =
-      cuda::library_stream(exec.device.index, lane, cuda::StreamPriority::greatest);
-  OMNIMOE_CHECK(side != cuda::stream_of(exec), "BranchFork: lane ", lane,
-                " is the stream it forks from; a nested fork needs another lane");
+      cuda::library_stream(exec.device.index, cuda::StreamPriority::greatest);
   cuda::order_after(cuda::stream_of(exec), side, exec.device.index);
   side_.stream = side;
 }

@@ -146,19 +146,13 @@ bool experts_backward_reads_schedule(const LayerConfig& cfg, int64_t tokens, DTy
   return choose_path(cfg, tokens, dtype, Direction::backward) == ExpertsPath::gather;
 }
 
-namespace {
-
-// experts_backward; schedule_ready (when given) is called before the first work that reads the
-// schedule: the gather's dW / dV pass (the other paths do not read it).
-void backward_on_path(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
+void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
                       const TensorView& indices, const TensorView& gates,
                       const TensorView& preact, const Schedule& schedule, const TensorView& dy,
                       const TensorView& dx, bool accumulate_dx, const ExpertWeights& grads,
-                      const TensorView& dgates, const std::function<void()>* schedule_ready,
-                      Buffer workspace, const Exec& exec) {
+                      const TensorView& dgates, Buffer workspace, const Exec& exec) {
   const int64_t tokens = x.shape[0];
   const ExpertsPath path = choose_path(cfg, tokens, x.dtype, Direction::backward);
-  if (path != ExpertsPath::gather && schedule_ready != nullptr) (*schedule_ready)();
   if (path == ExpertsPath::tiled) {
     experts_tiled_backward(cfg, x, weights, indices, gates, preact, schedule, dy, dx,
                            accumulate_dx, grads, dgates, workspace, exec);
@@ -167,30 +161,8 @@ void backward_on_path(const LayerConfig& cfg, const TensorView& x, const ExpertW
                            accumulate_dx, grads, dgates, workspace, exec);
   } else {
     experts_gather_backward(cfg, x, weights, indices, gates, preact, schedule, dy, dx,
-                            accumulate_dx, grads, dgates, workspace, exec, schedule_ready);
+                            accumulate_dx, grads, dgates, workspace, exec);
   }
-}
-
-}  // namespace
-
-void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
-                      const TensorView& indices, const TensorView& gates,
-                      const TensorView& preact, const Schedule& schedule, const TensorView& dy,
-                      const TensorView& dx, bool accumulate_dx, const ExpertWeights& grads,
-                      const TensorView& dgates, Buffer workspace, const Exec& exec) {
-  backward_on_path(cfg, x, weights, indices, gates, preact, schedule, dy, dx, accumulate_dx,
-                   grads, dgates, nullptr, workspace, exec);
-}
-
-void experts_backward_joined(const LayerConfig& cfg, const TensorView& x,
-                             const ExpertWeights& weights, const TensorView& indices,
-                             const TensorView& gates, const TensorView& preact,
-                             const Schedule& schedule, const TensorView& dy, const TensorView& dx,
-                             bool accumulate_dx, const ExpertWeights& grads,
-                             const TensorView& dgates, const std::function<void()>& schedule_ready,
-                             Buffer workspace, const Exec& exec) {
-  backward_on_path(cfg, x, weights, indices, gates, preact, schedule, dy, dx, accumulate_dx,
-                   grads, dgates, &schedule_ready, workspace, exec);
 }
 
 }  // namespace omnimoe::cuda

@@ -687,8 +687,7 @@ void backward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWei
                     const TensorView& indices, const TensorView& gates,
                     const TensorView& preact, const Schedule& schedule, const TensorView& dy,
                     const TensorView& dx, bool accumulate_dx, const ExpertWeights& grads,
-                    const TensorView& dgates, Buffer workspace, const Exec& exec,
-                    const std::function<void()>* schedule_ready) {
+                    const TensorView& dgates, Buffer workspace, const Exec& exec) {
   const int64_t tokens = x.shape[0];
   const cudaStream_t stream = stream_of(exec);
   // Workspace: da then g * h, per pair.
@@ -730,7 +729,6 @@ void backward_typed(const LayerConfig& cfg, const TensorView& x, const ExpertWei
     launch_token_pass<T, 1, true>(p, plan, stream);
   }
 
-  if (schedule_ready != nullptr) (*schedule_ready)();
   // Expert pass: dW, dV in schedule order.
   const bool expert_aligned = rows_aligned_16(x) && rows_aligned_16(dy) &&
                               rows_aligned_16(grads.up) && rows_aligned_16(grads.down);
@@ -794,12 +792,11 @@ void experts_gather_backward(const LayerConfig& cfg, const TensorView& x,
                              const TensorView& gates, const TensorView& preact,
                              const Schedule& schedule, const TensorView& dy, const TensorView& dx,
                              bool accumulate_dx, const ExpertWeights& grads,
-                             const TensorView& dgates, Buffer workspace, const Exec& exec,
-                             const std::function<void()>* schedule_ready) {
+                             const TensorView& dgates, Buffer workspace, const Exec& exec) {
   const DeviceGuard guard(exec);
   dispatch_storage(x.dtype, [&](auto tag) {
     backward_typed<decltype(tag)>(cfg, x, weights, indices, gates, preact, schedule, dy, dx,
-                                  accumulate_dx, grads, dgates, workspace, exec, schedule_ready);
+                                  accumulate_dx, grads, dgates, workspace, exec);
   });
 }
 

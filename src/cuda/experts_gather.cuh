@@ -12,7 +12,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 
 namespace omnimoe::cuda {
 
@@ -25,14 +24,11 @@ void experts_gather_forward(const LayerConfig& cfg, const TensorView& x,
 
 size_t experts_gather_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens,
                                                DType dtype);
-// schedule_ready (when given) is called between the token pass and the dW / dV pass, the only
-// one that reads the schedule.
 void experts_gather_backward(const LayerConfig& cfg, const TensorView& x,
                              const ExpertWeights& weights, const TensorView& indices,
                              const TensorView& gates, const TensorView& preact,
                              const Schedule& schedule, const TensorView& dy, const TensorView& dx,
                              bool accumulate_dx, const ExpertWeights& grads,
-                             const TensorView& dgates, Buffer workspace, const Exec& exec,
-                             const std::function<void()>* schedule_ready = nullptr);
+                             const TensorView& dgates, Buffer workspace, const Exec& exec);
 
 }  // namespace omnimoe::cuda

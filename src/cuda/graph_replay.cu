@@ -128,7 +128,7 @@ void issue_as_graph(const Exec& exec, const std::string& key,
   // Captured on a library stream (the caller's may be the legacy stream, which cannot be
   // captured) of least priority, as a default-priority caller's: the kernels keep the priority
   // they would have had there. Only recorded there; the graph runs on the caller's stream.
-  const cudaStream_t s = cuda::library_stream(device, 0, cuda::StreamPriority::least);
+  const cudaStream_t s = cuda::library_stream(device, cuda::StreamPriority::least);
   Exec inner = exec;
   inner.stream = s;
   GraphOwner owner{nullptr};

@@ -11,7 +11,6 @@
 #include <type_traits>
 
 #include "backend/backend.h"
-#include "core/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/gemm.h"
 
@@ -196,15 +195,6 @@ size_t mlp_forward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType
 
 namespace {
 
-// The exec of the products issued beside the layer's expert branch (before the join): with
-// OMNIMOE_MLP_OVERLAP_SMS=n (timing) they aim at n SMs, leaving the others to the branch.
-Exec beside_branch(const Exec& exec, bool joined) {
-  static const int sms = static_cast<int>(detail::env_int("OMNIMOE_MLP_OVERLAP_SMS", 1, 1024));
-  Exec e = exec;
-  if (joined && sms > 0 && exec.sm_count == 0) e.sm_count = sms;
-  return e;
-}
-
 // y = MLP(x) (+ y when accumulate, or + *addend after join() when addend is given).
 void forward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights& weights,
                   const TensorView& y, bool accumulate, const TensorView* addend,
@@ -220,7 +210,7 @@ void forward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights&
 
   // One launch when the weights and the saved matrices are evenly spaced (the layer's are).
   gemm_pair({x, x}, false, {weights.gate, weights.up}, true, {saved.gate_pre, saved.up_pre}, 1.0f,
-            0.0f, gemm_ws, beside_branch(exec, addend != nullptr));
+            0.0f, gemm_ws, exec);
   swiglu_forward(x.dtype, saved.gate_pre.data, saved.up_pre.data, h.data, tokens * I, stream);
   if (addend) {
     (*join)();
@@ -271,19 +261,18 @@ void backward_impl(const LayerConfig& cfg, const TensorView& x, const MlpWeights
   const TensorView d_up = cols_of(d_gate_up, I, I);
   const TensorView& dh = d_up;
   const Buffer gemm_ws = carve.rest();
-  const Exec beside = beside_branch(exec, addend != nullptr);
 
   // With T = 0 the weight-gradient GEMMs have k = 0 and write zeros.
-  gemm(dy, false, weights.down, false, dh, 1.0f, 0.0f, gemm_ws, beside);  // [T, I] = dy W_down
+  gemm(dy, false, weights.down, false, dh, 1.0f, 0.0f, gemm_ws, exec);  // [T, I] = dy W_down
   swiglu_backward(dt, saved.gate_pre.data, saved.up_pre.data, dh.data, h.data, d_gate.data,
                   d_up.data, tokens, I, 2 * I, stream);
-  gemm(dy, true, h, false, grads.down, 1.0f, 0.0f, gemm_ws, beside);  // [d, I] = dy^T h
+  gemm(dy, true, h, false, grads.down, 1.0f, 0.0f, gemm_ws, exec);  // [d, I] = dy^T h
   const TensorView grads_gate_up = stacked_rows(grads.gate, grads.up);
   if (grads_gate_up.data != nullptr) {
-    gemm(d_gate_up, true, x, false, grads_gate_up, 1.0f, 0.0f, gemm_ws, beside);  // [2I, d]
+    gemm(d_gate_up, true, x, false, grads_gate_up, 1.0f, 0.0f, gemm_ws, exec);  // [2I, d]
   } else {
-    gemm(d_gate, true, x, false, grads.gate, 1.0f, 0.0f, gemm_ws, beside);  // [I, d]
-    gemm(d_up, true, x, false, grads.up, 1.0f, 0.0f, gemm_ws, beside);
+    gemm(d_gate, true, x, false, grads.gate, 1.0f, 0.0f, gemm_ws, exec);  // [I, d]
+    gemm(d_up, true, x, false, grads.up, 1.0f, 0.0f, gemm_ws, exec);
   }
   // The dx products last, so the other branch has the longest to finish.
   if (addend) (*join)();

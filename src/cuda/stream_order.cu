@@ -3,7 +3,7 @@
 
 #include <map>
 #include <mutex>
-#include <tuple>
+#include <utility>
 
 #include "cuda/cuda_common.cuh"
 
@@ -15,11 +15,11 @@ RelaxedCapture::RelaxedCapture() {
 
 RelaxedCapture::~RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }
 
-cudaStream_t library_stream(int device, int lane, StreamPriority priority) {
+cudaStream_t library_stream(int device, StreamPriority priority) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, int, StreamPriority>, cudaStream_t> streams;
+  static std::map<std::pair<int, StreamPriority>, cudaStream_t> streams;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(device, lane, priority);
+  const auto key = std::make_pair(device, priority);
   if (auto it = streams.find(key); it != streams.end()) return it->second;
   cudaStream_t s = nullptr;
   {

@@ -23,10 +23,10 @@ class RelaxedCapture {
 
 enum class StreamPriority { greatest, least };
 
-// One non-blocking stream per (device, lane, priority), created on first use and kept for the
+// One non-blocking stream per (device, priority), created on first use and kept for the
 // life of the process (like the cuBLASLt handles). It orders against other streams only through
 // order_after().
-cudaStream_t library_stream(int device, int lane, StreamPriority priority);
+cudaStream_t library_stream(int device, StreamPriority priority);
 
 // Makes `to` wait for everything queued on `from` so far (an event record / wait pair).
 void order_after(cudaStream_t from, cudaStream_t to, int device);

@@ -2,7 +2,6 @@
 
 #include "backend/backend.h"
 #include "core/validate.h"
-#include "ops/experts_joined.h"
 
 namespace omnimoe {
 using namespace detail;
@@ -63,13 +62,12 @@ bool experts_backward_reads_schedule(const LayerConfig& cfg, int64_t tokens, DTy
   return OMNIMOE_DISPATCH(exec, experts_backward_reads_schedule, cfg, tokens, dtype);
 }
 
-namespace {
-
-void check_backward(const char* op, const LayerConfig& cfg, const TensorView& x,
-                    const ExpertWeights& weights, const TensorView& indices,
-                    const TensorView& gates, const TensorView& preact, const Schedule& schedule,
-                    const TensorView& dy, const TensorView& dx, const ExpertWeights& grads,
-                    const TensorView& dgates, Buffer workspace, const Exec& exec) {
+void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
+                      const TensorView& indices, const TensorView& gates,
+                      const TensorView& preact, const Schedule& schedule, const TensorView& dy,
+                      const TensorView& dx, bool accumulate_dx, const ExpertWeights& grads,
+                      const TensorView& dgates, Buffer workspace, const Exec& exec) {
+  const char* op = "experts_backward";
   const int64_t tokens = check_routing(op, cfg, x, weights, indices, gates, exec);
   const Device dev = exec.device;
   check_schedule(op, cfg, tokens, schedule, dev);
@@ -81,34 +79,8 @@ void check_backward(const char* op, const LayerConfig& cfg, const TensorView& x,
   check_dense_matrix(op, "dgates", dgates, tokens, cfg.top_k, DType::f32, dev);
   check_buffer(op, "workspace", workspace,
                OMNIMOE_DISPATCH(exec, experts_backward_workspace_bytes, cfg, tokens, x.dtype));
-}
-
-}  // namespace
-
-void experts_backward(const LayerConfig& cfg, const TensorView& x, const ExpertWeights& weights,
-                      const TensorView& indices, const TensorView& gates,
-                      const TensorView& preact, const Schedule& schedule, const TensorView& dy,
-                      const TensorView& dx, bool accumulate_dx, const ExpertWeights& grads,
-                      const TensorView& dgates, Buffer workspace, const Exec& exec) {
-  check_backward("experts_backward", cfg, x, weights, indices, gates, preact, schedule, dy, dx,
-                 grads, dgates, workspace, exec);
   OMNIMOE_DISPATCH(exec, experts_backward, cfg, x, weights, indices, gates, preact, schedule, dy,
                    dx, accumulate_dx, grads, dgates, workspace, exec);
-}
-
-void detail::experts_backward_joined(const LayerConfig& cfg, const TensorView& x,
-                                     const ExpertWeights& weights, const TensorView& indices,
-                                     const TensorView& gates, const TensorView& preact,
-                                     const Schedule& schedule, const TensorView& dy,
-                                     const TensorView& dx, bool accumulate_dx,
-                                     const ExpertWeights& grads, const TensorView& dgates,
-                                     const std::function<void()>& schedule_ready,
-                                     Buffer workspace, const Exec& exec) {
-  check_backward("layer_backward (experts)", cfg, x, weights, indices, gates, preact, schedule,
-                 dy, dx, grads, dgates, workspace, exec);
-  OMNIMOE_DISPATCH(exec, experts_backward_joined, cfg, x, weights, indices, gates, preact,
-                   schedule, dy, dx, accumulate_dx, grads, dgates, schedule_ready, workspace,
-                   exec);
 }
 
 }  // namespace omnimoe

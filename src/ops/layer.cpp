@@ -8,9 +8,7 @@
 #include "backend/branch.h"
 #include "backend/graph_replay.h"
 #include "core/check.h"
-#include "core/env.h"
 #include "core/validate.h"
-#include "ops/experts_joined.h"
 #include "ops/mlp_joined.h"
 
 namespace omnimoe {
@@ -63,24 +61,16 @@ LayerSaved lay_out(const LayerConfig& cfg, int64_t tokens, DType dtype, SavedLay
   return s;
 }
 
-// On CUDA the shared MLP and the expert branch (router -> experts forward; experts -> router
-// backward, with the schedule built on a third stream beside the experts' token pass) run
-// concurrently: the expert branch on BranchFork's high-priority side stream, so its chain of
-// small kernels takes SMs as they free instead of queueing behind the MLP's GEMMs, and the MLP
-// on the caller's stream. (Sizing the MLP's products for fewer SMs, Exec::sm_count, to leave
-// room for the expert branch was measured and gained nothing.) Each branch then needs its own
-// workspace region, and the expert branch a private [T, d] output (y, dx) that the MLP's last
-// products add after the join (mlp_joined.h), with no add kernel. The CPU runs them in order,
-// writing y and dx directly.
+// On CUDA the shared MLP and the expert branch (router -> experts forward; schedule -> experts
+// -> router backward) run concurrently: the expert branch on BranchFork's high-priority side
+// stream, so its chain of small kernels takes SMs as they free instead of queueing behind the
+// MLP's GEMMs, and the MLP on the caller's stream. (Sizing the MLP's products for fewer SMs,
+// Exec::sm_count, to leave room for the expert branch was measured and gained nothing.) Each
+// branch then needs its own workspace region, and the expert branch a private [T, d] output (y,
+// dx) that the MLP's last products add after the join (mlp_joined.h), with no add kernel. The
+// CPU runs them in order, writing y and dx directly.
 bool branches_concurrent(const LayerConfig& cfg, const Exec& exec) {
   return exec.device.type == DeviceType::cuda && cfg.intermediate > 0;
-}
-
-// OMNIMOE_LAYER_SCHEDULE=inline: the backward builds the schedule on the expert branch's stream
-// before the experts' backward, as before the third stream (to time the two).
-bool schedule_inline() {
-  static const bool inline_ = env_equals("OMNIMOE_LAYER_SCHEDULE", "inline");
-  return inline_;
 }
 
 // Bytes of a [T, d] temporary in the storage dtype.
@@ -119,15 +109,12 @@ Schedule take_schedule(const LayerConfig& cfg, int64_t tokens, Buffer& b, Device
   return s;
 }
 
-// The schedule's workspace: shared with the expert branch's ops when the schedule is built
-// before them on their stream, a region of its own when it is built beside them (apart).
 size_t expert_branch_backward_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
-                                    const Exec& exec, bool schedule_apart) {
-  const size_t ops = std::max(router_backward_workspace_bytes(cfg, tokens, dtype, exec),
-                              experts_backward_workspace_bytes(cfg, tokens, dtype, exec));
-  const size_t schedule_ws = schedule_workspace_bytes(cfg, tokens, exec);
+                                    const Exec& exec) {
   return schedule_bytes(cfg, tokens) +
-         (schedule_apart ? align_up(schedule_ws) + ops : std::max(schedule_ws, ops));
+         std::max({schedule_workspace_bytes(cfg, tokens, exec),
+                   router_backward_workspace_bytes(cfg, tokens, dtype, exec),
+                   experts_backward_workspace_bytes(cfg, tokens, dtype, exec)});
 }
 
 void check_layer_args(const char* op, const LayerConfig& cfg, const TensorView& x, Exec exec) {
@@ -197,19 +184,10 @@ void backward_issue(const LayerConfig& cfg, const TensorView& x, const LayerWeig
     const Schedule schedule = take_schedule(cfg, tokens, rest, exec.device);
     BranchFork fork(exec);
     const Exec& side = fork.side();
-    // Only the experts' dW / dV pass reads the schedule: it is built on a third stream, beside
-    // the experts' token pass (in a workspace region of its own), and joined just before it.
-    // OMNIMOE_LAYER_SCHEDULE=inline builds it on the expert branch's stream first (for timing).
-    BranchFork schedule_fork(side, /*lane=*/1);
-    if (reads_schedule) {
-      const Buffer schedule_ws =
-          take_front(rest, align_up(schedule_workspace_bytes(cfg, tokens, exec)));
-      schedule_build(cfg, s.routing.indices, schedule, schedule_ws,
-                     schedule_inline() ? side : schedule_fork.side());
-    }
-    experts_backward_joined(cfg, x, weights.experts, s.routing.indices, s.routing.gates,
-                            s.expert_preact, schedule, dy, dx_experts, /*accumulate_dx=*/false,
-                            grads.experts, dgates, [&] { schedule_fork.join(); }, rest, side);
+    if (reads_schedule) schedule_build(cfg, s.routing.indices, schedule, rest, side);
+    experts_backward(cfg, x, weights.experts, s.routing.indices, s.routing.gates,
+                     s.expert_preact, schedule, dy, dx_experts, /*accumulate_dx=*/false,
+                     grads.experts, dgates, rest, side);
     router_backward(cfg, x, weights.router, training, s.router, s.routing, dgates, dx_experts,
                     /*accumulate_dx=*/true, grads.router, rest, side);
     mlp_backward_joined(cfg, x, weights.mlp, s.mlp, dy, dx, dx_experts, grads.mlp,
@@ -287,17 +265,15 @@ void layer_forward(const LayerConfig& cfg, const TensorView& x, const LayerWeigh
 
 size_t layer_backward_workspace_bytes(const LayerConfig& cfg, int64_t tokens, DType dtype,
                                       const Exec& exec) {
+  const size_t experts = expert_branch_backward_bytes(cfg, tokens, dtype, exec);
   // dgates (f32 [T, K]) passes from the experts' backward to the router's.
   const size_t dgates = align_up(static_cast<size_t>(tokens * cfg.top_k) * 4);
   if (branches_concurrent(cfg, exec)) {
-    // [dgates | experts' dx | MLP region | expert branch region (schedule first, then the
-    // schedule's workspace when it is built on a stream of its own)]
-    const bool apart = experts_backward_reads_schedule(cfg, tokens, dtype, exec);
+    // [dgates | experts' dx | MLP region | expert branch region (schedule first)]
     return dgates + hidden_bytes(cfg, tokens, dtype) +
-           align_up(mlp_backward_workspace_bytes(cfg, tokens, dtype, exec)) +
-           expert_branch_backward_bytes(cfg, tokens, dtype, exec, apart);
+           align_up(mlp_backward_workspace_bytes(cfg, tokens, dtype, exec)) + experts;
   }
-  size_t ops = expert_branch_backward_bytes(cfg, tokens, dtype, exec, false);
+  size_t ops = experts;
   if (cfg.intermediate > 0) {
     ops = std::max(ops, mlp_backward_workspace_bytes(cfg, tokens, dtype, exec));
   }
