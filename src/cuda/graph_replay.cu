@@ -31,7 +31,7 @@ class GraphCache {
     if (entry.exec != nullptr) {
       cudaGraphExecUpdateResultInfo info{};
       if (cudaGraphExecUpdate(entry.exec, graph, &info) == cudaSuccess) return entry.exec;
-      cudaGetLastError();  // another topology (other kernels or sizes): instantiate anew
+      cudaGetLastError();  // other nodes or other kernels in them: instantiate anew
       cudaGraphExecDestroy(entry.exec);  // launches in flight finish first
       entry.exec = nullptr;
     }
