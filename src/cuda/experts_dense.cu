@@ -2,7 +2,6 @@
 // cuBLASLt GEMM (cuda::gemm); the kernels here build the coefficient matrices from S, one block
 // per token row, zeros included, so that each matrix is written once with 16-byte stores.
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "backend/backend.h"

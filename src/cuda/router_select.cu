@@ -46,8 +46,6 @@
 #include "cuda/router_warp_row.cuh"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 namespace omnimoe::cuda::router_detail {
@@ -686,13 +684,10 @@ struct BucketShape {
 
 // For timing: OMNIMOE_ROUTER_BUCKET_THREADS = 128, 256 or 512 sets the bucket kernel's CTA size,
 // OMNIMOE_ROUTER_BUCKET_CAP = c its candidates to c / 10 * K + 32 (c in 10 to 80; 25 default).
-int bucket_env(const char* name, int lo, int hi) {
-  return static_cast<int>(detail::env_int(name, lo, hi));
-}
-
 BucketShape make_bucket_shape(const SelectShape& s) {
-  static const int env_threads = bucket_env("OMNIMOE_ROUTER_BUCKET_THREADS", 128, 512);
-  static const int env_cap = bucket_env("OMNIMOE_ROUTER_BUCKET_CAP", 10, 80);
+  static const int env_threads =
+      static_cast<int>(detail::env_int("OMNIMOE_ROUTER_BUCKET_THREADS", 128, 512));
+  static const int env_cap = static_cast<int>(detail::env_int("OMNIMOE_ROUTER_BUCKET_CAP", 10, 80));
   BucketShape b{};
   b.nr = s.nr;
   b.nc = s.nc;
