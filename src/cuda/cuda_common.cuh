@@ -24,6 +24,7 @@ extern "C" __host__ __device__ void __assert_fail(const char* assertion, const c
   do {                                                                                  \
     const cudaError_t omnimoe_err_ = (call);                                            \
     if (omnimoe_err_ != cudaSuccess) {                                                  \
+      cudaGetLastError(); /* reported by the exception: the next call starts clean */   \
       OMNIMOE_FAIL("CUDA call ", #call, " failed: ", cudaGetErrorName(omnimoe_err_), " (", \
                    cudaGetErrorString(omnimoe_err_), ")");                              \
     }                                                                                   \

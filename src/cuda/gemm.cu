@@ -20,6 +20,7 @@ namespace {
   do {                                                                                    \
     const cublasStatus_t omnimoe_status_ = (call);                                        \
     if (omnimoe_status_ != CUBLAS_STATUS_SUCCESS) {                                       \
+      cudaGetLastError(); /* any runtime error behind it: reported here, not by the next call */ \
       OMNIMOE_FAIL("cuBLASLt call ", #call, " failed: ", cublasLtGetStatusName(omnimoe_status_), \
                    " (", cublasLtGetStatusString(omnimoe_status_), ")");                  \
     }                                                                                     \

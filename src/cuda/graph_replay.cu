@@ -88,9 +88,13 @@ class CaptureScope {
   cudaStream_t s_;
 };
 
+// Destroys the captured graph; none when the capture threw (destroying a null graph would leave
+// cudaErrorInvalidValue pending, which CUB's next call reports as an invalid device).
 struct GraphOwner {
   cudaGraph_t graph;
-  ~GraphOwner() { cudaGraphDestroy(graph); }
+  ~GraphOwner() {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+  }
 };
 
 bool replay_disabled() {

@@ -290,30 +290,36 @@ INSTANTIATE_TEST_SUITE_P(Cases, LayerOverlapCuda, ::testing::ValuesIn(kCases),
 
 // A check that fails inside the graph replay's capture (the layer checks x, y and its buffers
 // before capturing, the ops check their weights inside) ends the capture before the error
-// propagates: the next call captures and replays as usual.
+// propagates and leaves no CUDA error pending (CUB's next call would report it as its own): the
+// next call captures and replays as usual. Likewise for a call that launches directly.
 TEST(LayerGraphReplayCuda, CheckFailingInsideTheCaptureLeavesReplayUsable) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   const OverlapCase c = kCases[0];
   const LayerConfig cfg = config_of(c);
   const Tensors t = random_tensors(c, seed_of(c) + 5);
   CudaStream stream;
-  const Exec e = cuda_exec(stream.get());
-  ASSERT_TRUE(e.graph_replay);
-  DeviceSide dev(c, cfg, t, e);
-  std::vector<TensorView> iv, ov;
-  for (const DeviceTensor& d : dev.in) iv.push_back(d.view());
-  for (const DeviceTensor& d : dev.out) ov.push_back(d.view());
-  iv[7] = iv[6];  // W_up [I, d] where W_down [d, I] belongs (I != d)
-  try {
-    run_layer(cfg, iv, ov, dev.saved.buffer(), dev.workspace.buffer(), e);
-    FAIL() << "a W_down of the wrong shape was accepted";
-  } catch (const Error& err) {
-    EXPECT_NE(std::string(err.what()).find("down"), std::string::npos) << err.what();
+  for (const bool replay : {true, false}) {
+    SCOPED_TRACE(replay ? "graph replay" : "direct launches");
+    Exec e = cuda_exec(stream.get());
+    e.graph_replay = replay;
+    DeviceSide dev(c, cfg, t, e);
+    std::vector<TensorView> iv, ov;
+    for (const DeviceTensor& d : dev.in) iv.push_back(d.view());
+    for (const DeviceTensor& d : dev.out) ov.push_back(d.view());
+    iv[7] = iv[6];  // W_up [I, d] where W_down [d, I] belongs (I != d)
+    try {
+      run_layer(cfg, iv, ov, dev.saved.buffer(), dev.workspace.buffer(), e);
+      FAIL() << "a W_down of the wrong shape was accepted";
+    } catch (const Error& err) {
+      EXPECT_NE(std::string(err.what()).find("down"), std::string::npos) << err.what();
+    }
+    EXPECT_EQ(cudaPeekAtLastError(), cudaSuccess)
+        << "pending after the failed call: " << cudaGetErrorName(cudaGetLastError());
+    dev.reset();
+    dev.run(cfg, e);
+    stream.synchronize();
+    expect_matches_cpu(c, dev.outputs(), cpu_outputs(c, cfg, t), "after the failed call");
   }
-  dev.reset();
-  dev.run(cfg, e);
-  stream.synchronize();
-  expect_matches_cpu(c, dev.outputs(), cpu_outputs(c, cfg, t), "after the failed call");
 }
 
 }  // namespace
