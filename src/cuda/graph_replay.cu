@@ -48,7 +48,8 @@ class GraphCache {
     for (auto it = graphs_.begin(); it != graphs_.end(); ++it) {
       if (it->second.last_use < oldest->second.last_use) oldest = it;
     }
-    cudaGraphExecDestroy(oldest->second.exec);
+    // None where the instantiation threw (a null exec would leave an error pending).
+    if (oldest->second.exec != nullptr) cudaGraphExecDestroy(oldest->second.exec);
     graphs_.erase(oldest);
   }
 
