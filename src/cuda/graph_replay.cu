@@ -26,20 +26,24 @@ class GraphCache {
   // The cached graph of `key` made to do what `graph` does, instantiated if it could not be
   // updated to it.
   cudaGraphExec_t fit(const std::string& key, cudaGraph_t graph) {
-    CachedGraph& entry = graphs_[key];
-    entry.last_use = ++clock_;
-    if (entry.exec != nullptr) {
+    if (auto it = graphs_.find(key); it != graphs_.end()) {
+      it->second.last_use = ++clock_;
       cudaGraphExecUpdateResultInfo info{};
-      if (cudaGraphExecUpdate(entry.exec, graph, &info) == cudaSuccess) return entry.exec;
+      if (cudaGraphExecUpdate(it->second.exec, graph, &info) == cudaSuccess) {
+        return it->second.exec;
+      }
       cudaGetLastError();  // other nodes or other kernels in them: instantiate anew
-      cudaGraphExecDestroy(entry.exec);  // launches in flight finish first
-      entry.exec = nullptr;
+      cudaGraphExecDestroy(it->second.exec);  // launches in flight finish first
+      graphs_.erase(it);
     }
-    // Node priorities kept: the expert branch's stream has the greatest (branch.cu).
-    OMNIMOE_CUDA_CHECK(cudaGraphInstantiateWithFlags(&entry.exec, graph,
-                                                     cudaGraphInstantiateFlagUseNodePriority));
+    // Node priorities kept: the expert branch's stream has the greatest (branch.cu). Cached only
+    // once instantiated, so every entry holds a graph.
+    cudaGraphExec_t exec = nullptr;
+    OMNIMOE_CUDA_CHECK(
+        cudaGraphInstantiateWithFlags(&exec, graph, cudaGraphInstantiateFlagUseNodePriority));
+    graphs_[key] = CachedGraph{exec, ++clock_};
     if (graphs_.size() > kMaxGraphs) drop_oldest();
-    return entry.exec;
+    return exec;
   }
 
  private:
@@ -48,8 +52,7 @@ class GraphCache {
     for (auto it = graphs_.begin(); it != graphs_.end(); ++it) {
       if (it->second.last_use < oldest->second.last_use) oldest = it;
     }
-    // None where the instantiation threw (a null exec would leave an error pending).
-    if (oldest->second.exec != nullptr) cudaGraphExecDestroy(oldest->second.exec);
+    cudaGraphExecDestroy(oldest->second.exec);
     graphs_.erase(oldest);
   }
 
