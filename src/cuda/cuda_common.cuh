@@ -176,6 +176,14 @@ class DeviceGuard {
                    cudaGetErrorName(err), ": ", cudaGetErrorString(err),
                    "); run on Device::cpu() or on a machine with a GPU");
     }
+    // An error left pending by earlier, unchecked work would be read by the next call that looks
+    // (CUB reports it as its own "invalid device ordinal"): name it here, and clear it.
+    if (const cudaError_t stale = cudaGetLastError(); stale != cudaSuccess) {
+      OMNIMOE_FAIL("a CUDA error was pending when this omnimoe call started: ",
+                   cudaGetErrorName(stale), " (", cudaGetErrorString(stale),
+                   "), left by earlier work on this thread (a launch or CUDA call nobody "
+                   "checked); it is cleared now, unless the context itself is broken");
+    }
     if (previous_ != exec.device.index) OMNIMOE_CUDA_CHECK(cudaSetDevice(exec.device.index));
   }
   ~DeviceGuard() { cudaSetDevice(previous_); }
