@@ -7,6 +7,7 @@
 #   BENCH_FIRST / BENCH_REST   the configs benched before / after the Python tests
 #   PY_FILES                   the Python test files (default test_cuda.py test_errors.py; none)
 #   TRACE_CONFIGS              configs to trace kernel by kernel (kernel_trace.sh), after the benches
+#   PREBUILT                   a tarball of build-dev's omnimoe and tests/omnimoe_cuda_tests: no build
 set -uo pipefail
 final_out=${OUT:-/tmp/omnimoe_out}
 O="$final_out/session"
@@ -16,7 +17,10 @@ start=$(date +%s)
 since() { echo $(( $(date +%s) - start )); }
 budget=${SESSION_SECONDS:-540}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$O/gpu.txt"
-if ! { cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
+if [ -n "${PREBUILT:-}" ]; then  # binaries built elsewhere (a tarball of omnimoe, tests/omnimoe_cuda_tests)
+  mkdir -p build-dev && tar xzf "$PREBUILT" -C build-dev || exit 1
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+elif ! { cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
          -DOMNIMOE_GIT_COMMIT="${OMNIMOE_GIT_COMMIT:-unknown}" &&
        ninja -C build-dev -j16 omnimoe_cuda_tests omnimoe_tool; } > "$O/build.log" 2>&1; then
   grep -E "error|FAILED" "$O/build.log" | head -30; exit 1
