@@ -179,6 +179,24 @@ struct Buckets {
   }
 };
 
+// Maps a 32-bit value in [lo, hi] to one of nb buckets by the square of its distance from lo,
+// monotonically. For the candidates (v = ~key, lo = ~top), whose number grows about linearly with
+// the distance from the top, it makes the buckets near the threshold, where most of them lie,
+// finer: fewer entries to rank against (about 5 instead of 9 per entry at K = 512 and 4096).
+struct SquareBuckets {
+  uint32_t lo;
+  float scale;
+  int nb;
+  __device__ SquareBuckets(uint32_t lo_, uint32_t hi_, int nb_) : lo(lo_), nb(nb_) {
+    const float range = static_cast<float>(hi_ - lo_) + 1.0f;
+    scale = static_cast<float>(nb_) / (range * range);
+  }
+  __device__ __forceinline__ int operator()(uint32_t v) const {
+    const float x = static_cast<float>(v - lo);
+    return min(nb - 1, static_cast<int>(x * x * scale));
+  }
+};
+
 // Sorts the distinct entries a[0, n) ascending; returns where the result is (a or tmp).
 // Capacities: a >= next_pow2(n) (bitonic fallback), tmp >= n, cnt >= bucket_count(n) + 1.
 __device__ uint64_t* sort_entries(uint64_t* a, uint32_t n, uint64_t* tmp, int* cnt,
@@ -796,6 +814,10 @@ __device__ __forceinline__ void count_thresholds(const uint32_t (&t)[kPassThresh
     const float a = rv_r[i];
     const int cap = min(rb, k / (i + 1));  // >= 1
     local[kPassThresholds] += cap;
+    if (sum_key(a, rv_c[0]) < t[kPassThresholds - 1]) {  // counts 0 at every threshold
+      if (!all_rows) break;  // sorted rows: the rest count 0 too
+      continue;
+    }
     // The searches side by side (independent loads in flight): pos[m] = the longest prefix of
     // the row's first cap columns with keys >= t[m].
     int pos[kPassThresholds];
@@ -808,7 +830,6 @@ __device__ __forceinline__ void count_thresholds(const uint32_t (&t)[kPassThresh
         if (q <= cap && sum_key(a, rv_c[q - 1]) >= t[m]) pos[m] = q;
       }
     }
-    if (pos[kPassThresholds - 1] == 0 && !all_rows) break;  // sorted rows: the rest count 0 too
 #pragma unroll
     for (int m = 0; m < kPassThresholds; ++m) local[m] += pos[m];
   }
@@ -965,11 +986,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
   int32_t* idx_out = indices + t * k;
   float* score_out = scores + t * k;
   float m = -INFINITY;  // the largest score this thread wrote
-  const Buckets bucket(~top, ~lo, nb);  // over ~key: bucket order is the output order
+  const SquareBuckets bucket(~top, ~lo, nb);  // over ~key: bucket order is the output order
   if (settled) {
     // 2. The candidates: row i's first g[i] sorted columns (capped pairs >= lo).
     for (int i = tid; i < ra; i += nthreads) {
-      g[i] = count_ge(rv_r[i], rv_c, min(rb, k / (i + 1)), lo);
+      g[i] = sum_key(rv_r[i], rv_c[0]) < lo ? 0 : count_ge(rv_r[i], rv_c, min(rb, k / (i + 1)), lo);
     }
     for (int b = tid; b <= nb; b += nthreads) cnt[b] = 0;
     __syncthreads();
