@@ -291,30 +291,25 @@ const std::vector<OverlapCase> kCases = {
 INSTANTIATE_TEST_SUITE_P(Cases, LayerOverlapCuda, ::testing::ValuesIn(kCases),
                          [](const auto& info) { return case_name(info.param); });
 
-// A check that fails inside the graph replay's capture (the layer checks x, y and its buffers
-// before capturing, the ops check their weights inside) ends the capture before the error
-// propagates and leaves no CUDA error pending (CUB's next call would report it as its own): the
-// next call captures and replays as usual. Likewise for a call that launches directly.
-TEST(LayerGraphReplayCuda, CheckFailingInsideTheCaptureLeavesReplayUsable) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
+// For graph replay and direct launches: `fail(dev, cfg, e)` makes one layer call throw and
+// returns its message for `check`; then no CUDA error may be pending (CUB's next call would
+// report it as its own), and the next call must match the CPU.
+template <typename Fail, typename Check>
+void expect_usable_after_failed_call(int seed_offset, Fail&& fail, Check&& check) {
   const OverlapCase c = kCases[0];
   const LayerConfig cfg = config_of(c);
-  const Tensors t = random_tensors(c, seed_of(c) + 5);
+  const Tensors t = random_tensors(c, seed_of(c) + seed_offset);
   CudaStream stream;
   for (const bool replay : {true, false}) {
     SCOPED_TRACE(replay ? "graph replay" : "direct launches");
     Exec e = cuda_exec(stream.get());
     e.graph_replay = replay;
     DeviceSide dev(c, cfg, t, e);
-    std::vector<TensorView> iv, ov;
-    for (const DeviceTensor& d : dev.in) iv.push_back(d.view());
-    for (const DeviceTensor& d : dev.out) ov.push_back(d.view());
-    iv[7] = iv[6];  // W_up [I, d] where W_down [d, I] belongs (I != d)
     try {
-      run_layer(cfg, iv, ov, dev.saved.buffer(), dev.workspace.buffer(), e);
-      FAIL() << "a W_down of the wrong shape was accepted";
+      fail(dev, cfg, e);
+      ADD_FAILURE() << "the call did not throw";
     } catch (const Error& err) {
-      EXPECT_NE(std::string(err.what()).find("down"), std::string::npos) << err.what();
+      check(std::string(err.what()));
     }
     EXPECT_EQ(cudaPeekAtLastError(), cudaSuccess)
         << "pending after the failed call: " << cudaGetErrorName(cudaGetLastError());
@@ -325,37 +320,38 @@ TEST(LayerGraphReplayCuda, CheckFailingInsideTheCaptureLeavesReplayUsable) {
   }
 }
 
+// A check that fails inside the graph replay's capture (the layer checks x, y and its buffers
+// before capturing, the ops check their weights inside) ends the capture before the error
+// propagates and leaves no CUDA error pending; likewise for a call that launches directly.
+TEST(LayerGraphReplayCuda, CheckFailingInsideTheCaptureLeavesReplayUsable) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_usable_after_failed_call(
+      5,
+      [](const DeviceSide& dev, const LayerConfig& cfg, const Exec& e) {
+        std::vector<TensorView> iv, ov;
+        for (const DeviceTensor& d : dev.in) iv.push_back(d.view());
+        for (const DeviceTensor& d : dev.out) ov.push_back(d.view());
+        iv[7] = iv[6];  // W_up [I, d] where W_down [d, I] belongs (I != d)
+        run_layer(cfg, iv, ov, dev.saved.buffer(), dev.workspace.buffer(), e);
+      },
+      [](const std::string& what) { EXPECT_NE(what.find("down"), std::string::npos) << what; });
+}
+
 // A runtime error left pending by the caller's own unchecked work is named at the next call's
-// start (not reported by CUB as an "invalid device ordinal" halfway through) and cleared, so the
-// call after it runs as usual.
+// start (not reported by CUB as an "invalid device ordinal" halfway through) and cleared.
 TEST(LayerGraphReplayCuda, ErrorPendingBeforeTheCallIsNamedAndCleared) {
   OMNIMOE_SKIP_WITHOUT_GPU();
-  const OverlapCase c = kCases[0];
-  const LayerConfig cfg = config_of(c);
-  const Tensors t = random_tensors(c, seed_of(c) + 6);
-  CudaStream stream;
-  for (const bool replay : {true, false}) {
-    SCOPED_TRACE(replay ? "graph replay" : "direct launches");
-    Exec e = cuda_exec(stream.get());
-    e.graph_replay = replay;
-    DeviceSide dev(c, cfg, t, e);
-    void* p = nullptr;
-    ASSERT_EQ(cudaMalloc(&p, size_t{1} << 62), cudaErrorMemoryAllocation);  // left pending
-    try {
-      dev.run(cfg, e);
-      FAIL() << "a call started with a CUDA error pending";
-    } catch (const Error& err) {
-      EXPECT_NE(std::string(err.what()).find("cudaErrorMemoryAllocation"), std::string::npos)
-          << err.what();
-      EXPECT_NE(std::string(err.what()).find("pending"), std::string::npos) << err.what();
-    }
-    EXPECT_EQ(cudaPeekAtLastError(), cudaSuccess)
-        << "still pending: " << cudaGetErrorName(cudaGetLastError());
-    dev.reset();
-    dev.run(cfg, e);
-    stream.synchronize();
-    expect_matches_cpu(c, dev.outputs(), cpu_outputs(c, cfg, t), "after the named error");
-  }
+  expect_usable_after_failed_call(
+      6,
+      [](const DeviceSide& dev, const LayerConfig& cfg, const Exec& e) {
+        void* p = nullptr;
+        ASSERT_EQ(cudaMalloc(&p, size_t{1} << 62), cudaErrorMemoryAllocation);  // left pending
+        dev.run(cfg, e);
+      },
+      [](const std::string& what) {
+        EXPECT_NE(what.find("cudaErrorMemoryAllocation"), std::string::npos) << what;
+        EXPECT_NE(what.find("pending"), std::string::npos) << what;
+      });
 }
 
 }  // namespace
