@@ -4,7 +4,7 @@
 # rounds (default 2), no baselines or ceilings. Prints AB_ROWS (a regex of row names, default
 # the router and layer rows); the whole outputs land in $OUT/bin_ab/.
 set -uo pipefail
-O="${OUT:-/tmp/omnimoe_out}/bin_ab"
+O="${OUT:-/tmp/omnimoe_out}/bin_ab"  # under the caller's OUT
 mkdir -p "$O"
 rows=${AB_ROWS:-"^  (layer forward |router|layer forward\+backward )"}
 for round in $(seq 1 "${AB_ROUNDS:-2}"); do

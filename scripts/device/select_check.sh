@@ -1,20 +1,36 @@
 #!/usr/bin/env bash
-# One call for a selection-kernel change, from carried builds (build-carry/build.tgz = the
-# change, build-carry/base.tgz = before it): the CUDA tests, memcheck and racecheck on the
-# router's select tests and the layer's overlap tests, an A/B of the two builds
-# (bin_ab.sh), then a line-level ncu profile of the change (prof_select.sh).
+# One call for a kernel change, from carried builds (build-carry/build.tgz = the change,
+# build-carry/base.tgz = before it; tarballs of omnimoe and tests/omnimoe_cuda_tests): every CUDA
+# test, memcheck and racecheck on the router's select tests and the layer's overlap tests, an A/B
+# of the two builds (bin_ab.sh on AB_CONFIGS), then BENCH_CONFIGS benched with JSON by the change
+# if its tests passed (else by the base), then PROFILE=1: a line-level ncu profile of the
+# selection (prof_select.sh). Everything lands in $OUT/check.tgz.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
-mkdir -p build-dev build-base "$OUT"
+final_out=${OUT:-/tmp/omnimoe_out}
+O="$final_out/check"
+mkdir -p "$O/json" build-dev build-base
+trap 'tar czf "$final_out/check.tgz" -C "$final_out" check && rm -rf "$O"' EXIT
 tar xzf build-carry/build.tgz -C build-dev && tar xzf build-carry/base.tgz -C build-base || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$O/gpu.txt"
 bin=build-dev/tests/omnimoe_cuda_tests
-timeout 200 $bin --gtest_brief=1 > "$OUT/cuda_tests.log" 2>&1
-echo "cuda tests: rc $?"; grep -E "^\[  FAILED|^\[  PASSED|SKIPPED \]" "$OUT/cuda_tests.log" | head -20
+timeout 200 $bin --gtest_brief=1 > "$O/cuda_tests.log" 2>&1
+rc=$?
+echo "cuda tests: rc $rc"; grep -E "^\[  FAILED|^\[  PASSED|SKIPPED \]" "$O/cuda_tests.log" | head -20
 f=${SANITIZE_FILTER:-'*LayerGraphReplay*:*LayerOverlapCuda*:Shapes/RouterCudaSelect.*T100_Nr320*:BucketShapes/*:RouterCudaSelectTies.MixedTokens_T41*:RouterCudaSelectNonFinite.*-*ErrorPendingBefore*'}
 for t in memcheck racecheck; do
   timeout 120 compute-sanitizer --tool $t --error-exitcode 9 $bin --gtest_filter="$f" \
-    --gtest_brief=1 > "$OUT/sanitizer_$t.log" 2>&1
-  echo "$t rc $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$t.log" | tail -1)"
+    --gtest_brief=1 > "$O/sanitizer_$t.log" 2>&1
+  echo "$t rc $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$O/sanitizer_$t.log" | tail -1)"
 done
-bash scripts/device/bin_ab.sh
-[ -n "${PROFILE:-1}" ] && bash scripts/device/prof_select.sh
+OUT="$O" AB_ROUNDS=${AB_ROUNDS:-1} bash scripts/device/bin_ab.sh
+b=build-dev; [ $rc -eq 0 ] || b=build-base
+echo "benched with $b" | tee "$O/benched_with.txt"
+for c in ${BENCH_CONFIGS:-}; do
+  timeout 90 $b/omnimoe bench --device cuda --config "$c" --warmup 5 --iters 20 \
+    --json "$O/json/$c.json" >> "$O/bench.txt" 2>> "$O/bench_progress.log"
+  echo "bench $c: rc $?"
+done
+grep -E "omnimoe bench:|^  (layer forward  |layer forward\+backward  |router select|experts forward|baseline: token)" "$O/bench.txt" | cut -c1-100
+[ "${PROFILE:-0}" = 1 ] && OUT="$O" bash scripts/device/prof_select.sh
+exit 0
