@@ -12,7 +12,7 @@ namespace omnimoe::detail {
 // honoured by graphs instantiated with cudaGraphInstantiateFlagUseNodePriority.
 BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {
   if (exec.device.type != DeviceType::cuda) return;
-  cuda::DeviceGuard guard(exec);
+  cuda::DeviceGuard guard(exec, /*check_pending=*/false);
   const cudaStream_t side =
       cuda::library_stream(exec.device.index, cuda::StreamPriority::greatest);
   cuda::order_after(cuda::stream_of(exec), side, exec.device.index);
@@ -21,7 +21,7 @@ BranchFork::BranchFork(const Exec& exec) : exec_(exec), side_(exec) {
 
 void BranchFork::join() {
   if (side_.stream == exec_.stream) return;
-  cuda::DeviceGuard guard(exec_);
+  cuda::DeviceGuard guard(exec_, /*check_pending=*/false);
   const cudaStream_t side = cuda::stream_of(side_);
   side_.stream = exec_.stream;  // joined: later calls (and the destructor) do nothing
   cuda::order_after(side, cuda::stream_of(exec_), exec_.device.index);

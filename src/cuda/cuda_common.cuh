@@ -168,7 +168,9 @@ inline TensorView stacked_rows(const TensorView& a, const TensorView& b) {
 // Makes exec.device current for the scope of an op, restoring the caller's device after.
 class DeviceGuard {
  public:
-  explicit DeviceGuard(const Exec& exec) {
+  // check_pending = false: the layer's own fork and join, which also run while an exception
+  // unwinds and must then join whatever is pending; the ops' entries check.
+  explicit DeviceGuard(const Exec& exec, bool check_pending = true) {
     const cudaError_t err = cudaGetDevice(&previous_);
     if (err != cudaSuccess) {
       cudaGetLastError();
@@ -178,7 +180,8 @@ class DeviceGuard {
     }
     // An error left pending by earlier, unchecked work would be read by the next call that looks
     // (CUB reports it as its own "invalid device ordinal"): name it here, and clear it.
-    if (const cudaError_t stale = cudaGetLastError(); stale != cudaSuccess) {
+    if (const cudaError_t stale = check_pending ? cudaGetLastError() : cudaSuccess;
+        stale != cudaSuccess) {
       OMNIMOE_FAIL("a CUDA error was pending when this omnimoe call started: ",
                    cudaGetErrorName(stale), " (", cudaGetErrorString(stale),
                    "), left by earlier work on this thread (a launch or CUDA call nobody "
