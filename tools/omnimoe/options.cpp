@@ -1,10 +1,7 @@
 #include <omnimoe/omnimoe.h>
 
 #include "commands.h"
-
-#ifndef OMNIMOE_GIT_COMMIT
-#define OMNIMOE_GIT_COMMIT ""
-#endif
+#include "omnimoe_git_commit.h"  // generated at build time (cmake/git_commit.cmake)
 
 namespace omnimoe::tool {
 
