@@ -698,8 +698,8 @@ struct BucketShape {
   int cand_cap;           // candidates allowed above the threshold
   int nb;                 // their buckets
   bool whole;             // both axes sorted at once (sort_axes_whole)
-  size_t o_scratch, o_red, o_keys_r, o_keys_c, o_vals_r, o_vals_c, o_rv_r, o_rid_r, o_rv_c,
-      o_rid_c, o_g, o_gp, o_cnt, o_buf, o_tmp, bytes;
+  size_t o_scratch, o_red, o_keys_r, o_keys_c, o_vals_r, o_vals_c, o_rv_r, o_rid_r, o_rv_c, o_rid_c,
+      o_g, o_gp, o_cnt, o_buf, o_tmp, bytes;
 };
 
 // For timing: OMNIMOE_ROUTER_BUCKET_THREADS = 128, 256 or 512 sets the bucket kernel's CTA size,
@@ -815,7 +815,7 @@ __device__ __forceinline__ void count_thresholds(const uint32_t (&t)[kPassThresh
     const int cap = min(rb, k / (i + 1));  // >= 1
     local[kPassThresholds] += cap;
     if (sum_key(a, rv_c[0]) < t[kPassThresholds - 1]) {  // counts 0 at every threshold
-      if (!all_rows) break;  // sorted rows: the rest count 0 too
+      if (!all_rows) break;                              // sorted rows: the rest count 0 too
       continue;
     }
     // The searches side by side (independent loads in flight): pos[m] = the longest prefix of
@@ -985,7 +985,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
   int n_cand = 0, boundary = 0, filled = 0;
   int32_t* idx_out = indices + t * k;
   float* score_out = scores + t * k;
-  float m = -INFINITY;  // the largest score this thread wrote
+  float m = -INFINITY;                        // the largest score this thread wrote
   const SquareBuckets bucket(~top, ~lo, nb);  // over ~key: bucket order is the output order
   if (settled) {
     // 2. The candidates: row i's first g[i] sorted columns (capped pairs >= lo).
