@@ -12,7 +12,7 @@ def main():
     text = open(path, errors="replace").read().splitlines()
     blocks, cur = [], None
     for line in text:
-        if line.startswith('"#') or line.startswith('"Address') or line.startswith('"Line') or line.startswith('"#",'):
+        if line.startswith(('"#', '"Address', '"Line')):  # a table's header row
             cur = [line]
             blocks.append(cur)
         elif cur is not None and line.startswith('"'):

@@ -2,7 +2,7 @@
 # One call for a kernel change, from carried builds (build-carry/build.tgz = the change,
 # build-carry/base.tgz = before it; tarballs of omnimoe and tests/omnimoe_cuda_tests): every CUDA
 # test, memcheck and racecheck on the router's select tests and the layer's overlap tests, an A/B
-# of the two builds (bin_ab.sh on AB_CONFIGS), then BENCH_CONFIGS benched with JSON by the change
+# of the two builds (ab_bench.sh on AB_CONFIGS), then BENCH_CONFIGS benched with JSON by the change
 # if its tests passed (else by the base), then PROFILE=1: a line-level ncu profile of the
 # selection (prof_select.sh). Everything lands in $OUT/check.tgz.
 set -uo pipefail
@@ -23,7 +23,8 @@ for t in memcheck racecheck; do
     --gtest_brief=1 > "$O/sanitizer_$t.log" 2>&1
   echo "$t rc $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$O/sanitizer_$t.log" | tail -1)"
 done
-OUT="$O" AB_ROUNDS=${AB_ROUNDS:-1} bash scripts/device/bin_ab.sh
+OUT="$O" AB_BINS="build-base/omnimoe build-dev/omnimoe" AB_ROUNDS=${AB_ROUNDS:-1} AB_ITERS=15 \
+  bash scripts/device/ab_bench.sh
 b=build-dev; [ $rc -eq 0 ] || b=build-base
 echo "benched with $b" | tee "$O/benched_with.txt"
 for c in ${BENCH_CONFIGS:-}; do
