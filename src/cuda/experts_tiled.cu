@@ -23,6 +23,7 @@
 #include "cuda/experts_tiled.cuh"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -48,6 +49,9 @@ constexpr int kTokMaxWindow = 512;  // slots of the coefficient block held in sh
 constexpr int kExpBN = 128;
 
 constexpr int kFixedPointBits = 60;  // |sum| < 2^60 in the 64-bit fixed-point accumulators
+// A token's rank of each of its groups is kept in a byte: ranks from kRankCap on are stored as
+// kRankCap (they never get a partial row: at most kRankCap rows per token).
+constexpr int kRankCap = 254;
 
 // ------------------------------------------------------------------------------------------
 // Tensor-core and copy primitives (sm_80+).
@@ -189,14 +193,28 @@ __device__ __forceinline__ int row_of_pair(const uint4& m, int j) {
   return 96 + nth_set_bit(m.w, j - c);
 }
 
+// The slot holding pair q, of slots [0, n) as load_slots put them in shared memory: their
+// ranges follow each other in the pair order, so it is the last slot whose range starts at or
+// before q (empty ranges before it start there too).
+__device__ __forceinline__ int slot_of_pair(const int2* range, int n, int q) {
+  int lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (range[mid].x <= q) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
 // ------------------------------------------------------------------------------------------
 // Building the groups.
 
 // One block per token: counts its experts per grid row and column, assigns each pair to the
-// longer line, and marks the groups the token belongs to.
+// longer line, and marks the groups the token belongs to: member[g, t] = 1 + the group's rank
+// among the token's groups (ascending g, capped at kRankCap), 0 when not a member.
 __global__ void __launch_bounds__(kThreads) assign_pairs_kernel(
     const int* __restrict__ indices, int64_t index_stride, int tokens, int top_k, int grid_rows,
-    int grid_cols, uint8_t* __restrict__ assign_row, uint8_t* __restrict__ member) {
+    int grid_cols, uint8_t* __restrict__ assign_row, uint8_t* __restrict__ member,
+    int* __restrict__ member_count) {
   extern __shared__ int counts[];  // [Nr + Nc], then Nr + Nc flags
   const int groups = grid_rows + grid_cols;
   uint8_t* flags = reinterpret_cast<uint8_t*>(counts + groups);
@@ -227,9 +245,21 @@ __global__ void __launch_bounds__(kThreads) assign_pairs_kernel(
     flags[row ? i : grid_rows + j] = 1;
   }
   __syncthreads();
-  for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-    member[static_cast<int64_t>(g) * tokens + t] = flags[g];
+  // Ranks: each thread scans a run of consecutive groups.
+  const int per = (groups + kThreads - 1) / kThreads;
+  const int g0 = min(groups, static_cast<int>(threadIdx.x) * per), g1 = min(groups, g0 + per);
+  int mine = 0;
+  for (int g = g0; g < g1; ++g) mine += flags[g];
+  __shared__ int warp_sums[kThreads / 32];
+  int total;
+  int rank = block_exclusive_scan(mine, warp_sums, &total);
+  for (int g = g0; g < g1; ++g) {
+    const bool in = flags[g] != 0;
+    member[static_cast<int64_t>(g) * tokens + t] =
+        in ? static_cast<uint8_t>(min(rank, kRankCap) + 1) : uint8_t{0};
+    rank += in ? 1 : 0;
   }
+  if (threadIdx.x == 0) member_count[t] = total;
 }
 
 // One warp per group: the number of its tokens.
@@ -240,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) count_group_tokens_kernel(
   if (g >= groups) return;
   const uint8_t* row = member + static_cast<int64_t>(g) * tokens;
   int n = 0;
-  for (int t = lane; t < tokens; t += 32) n += row[t];
+  for (int t = lane; t < tokens; t += 32) n += row[t] != 0 ? 1 : 0;
   n = warp_sum(n);
   if (lane == 0) count[g] = n;
 }
@@ -283,16 +313,17 @@ __global__ void __launch_bounds__(1024) scan_groups_kernel(const int* __restrict
   }
 }
 
-// One warp per group: its tokens in ascending order, and each token's position in the group
-// (position [T, G], token-major for the per-token passes).
+// One warp per group: its tokens in ascending order with their ranks (member - 1), and each
+// token's position in the group (position [T, G], token-major for the per-token passes).
 __global__ void __launch_bounds__(kThreads) fill_groups_kernel(
     const uint8_t* __restrict__ member, int tokens, int groups, const int* __restrict__ start,
-    int* __restrict__ tokens_of, int* __restrict__ position) {
+    int* __restrict__ tokens_of, uint8_t* __restrict__ rank_of, int* __restrict__ position) {
   const int g = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (g >= groups) return;
   const uint8_t* row = member + static_cast<int64_t>(g) * tokens;
   int* out = tokens_of + start[g];
+  uint8_t* out_rank = rank_of + start[g];
   int n = 0;
   for (int base = 0; base < tokens; base += 32) {
     const int t = base + lane;
@@ -301,6 +332,7 @@ __global__ void __launch_bounds__(kThreads) fill_groups_kernel(
     if (in) {
       const int p = n + __popc(ballot & ((1u << lane) - 1u));
       out[p] = t;
+      out_rank[p] = static_cast<uint8_t>(row[t] - 1);
       position[static_cast<int64_t>(t) * groups + g] = p;
     }
     n += __popc(ballot);
@@ -418,18 +450,9 @@ __global__ void __launch_bounds__(kThreads) mask_ranges_kernel(
     counts[i] = entry < n ? mask_count(masks, entry) : 0;
     sum += counts[i];
   }
-  // Exclusive scan of the per-thread sums over the block.
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int v = sum;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int u = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v += u;
-  }
   __shared__ int warp_sums[kThreads / 32];
-  if (lane == 31) warp_sums[warp] = v;
-  __syncthreads();
-  int before = block_offsets[blockIdx.x] + v - sum;
-  for (int w = 0; w < warp; ++w) before += warp_sums[w];
+  int total;
+  int before = block_offsets[blockIdx.x] + block_exclusive_scan(sum, warp_sums, &total);
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int64_t entry = first + threadIdx.x * kPer + i;
@@ -572,6 +595,8 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
     const int base = __ldg(gr.start + g), n = __ldg(gr.start + g + 1) - base;
     const int r0 = (tile - __ldg(gr.tile_start + g)) * kDotBM;
     const int rows = min(kDotBM, n - r0);
+    // Row blocks of 16 past the tile's last token are all zero: their products are skipped.
+    const int live = min(2, max(0, (rows - wm * 32 + 15) / 16));  // this warp's live blocks
     for (int r = tid; r < kDotBM; r += kThreads) {
       tile_tokens[r] = r < rows ? __ldg(gr.tokens_of + base + r0 + r) : -1;
       row_amax[r] = 0u;
@@ -635,9 +660,11 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
       const T* tb = sb + (kt % kDotStages) * kDotBN * kDotBK;
 #pragma unroll
       for (int kk = 0; kk < kDotBK; kk += 16) {
+        if (live == 0) break;  // warp-uniform
         uint32_t af[2][4], bf[2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
+          if (mt >= live) continue;
           ldsm_x4(af[mt], ta + swz<8>(wm * 32 + mt * 16 + lane % 16, kk + (lane / 16) * 8));
         }
 #pragma unroll
@@ -649,8 +676,10 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt)
-            mma_16816<T>(acc[mt][nt], af[mt], bf[nt / 2][(nt % 2) * 2],
-                         bf[nt / 2][(nt % 2) * 2 + 1]);
+            if (mt < live) {
+              mma_16816<T>(acc[mt][nt], af[mt], bf[nt / 2][(nt % 2) * 2],
+                           bf[nt / 2][(nt % 2) * 2 + 1]);
+            }
       }
     }
     cp_async_wait<0>();
@@ -667,14 +696,14 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
           const int c = wn * 32 + nt * 8 + (lane % 4) * 2 + (v & 1);
           tile_out[r * kDotPitch + c] = acc[mt][nt][v];
         }
-    // The tile's pairs: a warp per slot, a lane per pair.
-    load_slots(gr, tile, s0, kDotBN, slots, slot_range, slot_mask);
-    for (int s = warp; s < kDotBN; s += kThreads / 32) {
-      const int2 range = slot_range[s];
-      const uint4 mask = slot_mask[s];
-      for (int j = lane; j < range.y - range.x; j += 32) {
-        const int q = range.x + j;
-        const int r = row_of_pair(mask, j);
+    // The tile's pairs, a thread per pair (independent loads, many in flight).
+    const int n_slots = min(kDotBN, slots - s0);
+    load_slots(gr, tile, s0, n_slots, slots, slot_range, slot_mask);
+    {
+      const int q_end = slot_range[n_slots - 1].y;
+      for (int q = slot_range[0].x + tid; q < q_end; q += kThreads) {
+        const int s = slot_of_pair(slot_range, n_slots, q);
+        const int r = row_of_pair(slot_mask[s], q - slot_range[s].x);
         const float val = tile_out[r * kDotPitch + s];
         const int4 rec = __ldg(gr.records + q);
         const int64_t t = tile_tokens[r];
@@ -704,8 +733,13 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Token sums: out[t] += sum over the group's slots of coef(t, slot) * table[expert(slot)], per
-// tile of 128 tokens, d in blocks of 128 columns; added into [T, d] accumulators.
+// Token sums: out[t] = sum over the token's groups g of sum over g's slots of coef(t, slot) *
+// table[expert(slot)], per tile of 128 tokens, d in blocks of 128 columns. Two levels: each
+// (token, group) row of the tile is stored once in fp32 as the token's partial row `rank`
+// (its rank among the token's groups), then the finish sums a token's rows in rank order, so the
+// result is deterministic without atomics. Ranks from `partial_rows` on (tokens with more groups
+// than the workspace holds rows for) are added into [T, d] accumulators instead: 64-bit fixed
+// point (exact, so order-independent) or fp32 atomics (exec.deterministic false).
 template <typename T>
 struct TokenSumParams {
   Groups gr;
@@ -714,6 +748,11 @@ struct TokenSumParams {
   int64_t table_stride;
   int hidden;
   int window;  // slots of the coefficient block in shared memory (multiple of kTokBK)
+  int db_begin, db_end;     // this pass's blocks of kTokBN columns
+  const uint8_t* rank_of;   // per group member (as tokens_of): the token's rank of the group
+  float* partial;           // [T, partial_rows, partial_pitch]: this pass's columns
+  int partial_rows;         // per token (0: accumulators only)
+  int64_t partial_pitch;    // floats, a multiple of 4
   const unsigned* token_amax;
   const unsigned* table_amax;
   long long* acc_fixed;  // deterministic
@@ -728,7 +767,7 @@ size_t token_sum_smem(int window) {
 }
 
 template <typename T, bool kVec, bool kFixed>
-__global__ void __launch_bounds__(kThreads) token_sum_kernel(TokenSumParams<T> p) {
+__global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int pitch = p.window + 8;
   T* coef_block = reinterpret_cast<T*>(smem);  // [128 tokens][window + 8]
@@ -736,13 +775,13 @@ __global__ void __launch_bounds__(kThreads) token_sum_kernel(TokenSumParams<T> p
   int2* slot_range = reinterpret_cast<int2*>(sb + kTokStages * kTokBK * kTokBN);  // [window]
   uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + p.window);            // [window]
   __shared__ int tile_tokens[kTokBM];
+  __shared__ int tile_rank[kTokBM];
   __shared__ double tile_scale[kTokBM];
 
   const Groups& gr = p.gr;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / 2, wn = warp % 2;  // 4 x 2 warps of 32 x 64
   const int tiles = __ldg(gr.tile_start + gr.count);
-  const int d_blocks = (p.hidden + kTokBN - 1) / kTokBN;
   unsigned table_amax = 0u;
   if constexpr (kFixed) table_amax = *p.table_amax;
 
@@ -752,9 +791,12 @@ __global__ void __launch_bounds__(kThreads) token_sum_kernel(TokenSumParams<T> p
     const int base = __ldg(gr.start + g), n = __ldg(gr.start + g + 1) - base;
     const int r0 = (tile - __ldg(gr.tile_start + g)) * kTokBM;
     const int rows = min(kTokBM, n - r0);
+    // Row blocks of 16 past the tile's last token are all zero: their products are skipped.
+    const bool live = wm * 32 < rows;  // this warp's rows hold tokens
     for (int r = tid; r < kTokBM; r += kThreads) {
       const int t = r < rows ? __ldg(gr.tokens_of + base + r0 + r) : -1;
       tile_tokens[r] = t;
+      tile_rank[r] = r < rows ? __ldg(p.rank_of + base + r0 + r) : kRankCap;
       if constexpr (kFixed) {
         tile_scale[r] =
             t >= 0 ? ldexp(1.0, fixed_point_shift(__ldg(p.token_amax + t), table_amax, gr.top_k))
@@ -765,25 +807,24 @@ __global__ void __launch_bounds__(kThreads) token_sum_kernel(TokenSumParams<T> p
     const int windows = (slots + p.window - 1) / p.window;
 
     // The coefficients of slots [w0, w0 + window) for the tile's tokens, zero where no pair.
+    // A thread per pair: independent loads, many in flight.
     auto build_window = [&](int w0) {
-      for (int i = tid; i < kTokBM * pitch / 2; i += kThreads) {
-        reinterpret_cast<uint32_t*>(coef_block)[i] = 0u;
+      for (int i = tid; i < kTokBM * pitch / 8; i += kThreads) {  // rows of 16-byte chunks
+        reinterpret_cast<uint4*>(coef_block)[i] = make_uint4(0u, 0u, 0u, 0u);
       }
       const int w_slots = min(p.window, slots - w0);
       load_slots(gr, tile, w0, w_slots, slots, slot_range, slot_mask);
-      for (int s = warp; s < w_slots; s += kThreads / 32) {
-        const int2 range = slot_range[s];
-        const uint4 mask = slot_mask[s];
-        for (int j = lane; j < range.y - range.x; j += 32) {
-          coef_block[row_of_pair(mask, j) * pitch + s] =
-              store_float<T>(__ldg(p.coef + range.x + j));
-        }
+      const int q_end = slot_range[w_slots - 1].y;
+      for (int q = slot_range[0].x + tid; q < q_end; q += kThreads) {
+        const int s = slot_of_pair(slot_range, w_slots, q);
+        coef_block[row_of_pair(slot_mask[s], q - slot_range[s].x) * pitch + s] =
+            store_float<T>(__ldg(p.coef + q));
       }
       __syncthreads();
     };
 
     const int ch = tid % 16;  // each thread copies 2 chunks of [32 slots][128 columns]
-    for (int db = 0; db < d_blocks; ++db) {
+    for (int db = p.db_begin; db < p.db_end; ++db) {
       const int c0 = db * kTokBN;
       float acc[2][8][4];
 #pragma unroll
@@ -795,7 +836,7 @@ __global__ void __launch_bounds__(kThreads) token_sum_kernel(TokenSumParams<T> p
 
       for (int w = 0; w < windows; ++w) {
         const int w0 = w * p.window;
-        if (windows > 1 || db == 0) build_window(w0);
+        if (windows > 1 || db == p.db_begin) build_window(w0);
         const int w_slots = min(p.window, slots - w0);
         const int k_tiles = (w_slots + kTokBK - 1) / kTokBK;
         auto load_stage = [&](int stage, int kt) {
@@ -826,6 +867,7 @@ __global__ void __launch_bounds__(kThreads) token_sum_kernel(TokenSumParams<T> p
           const T* tb = sb + (kt % kTokStages) * kTokBK * kTokBN;
 #pragma unroll
           for (int kk = 0; kk < kTokBK; kk += 16) {
+            if (!live) break;  // warp-uniform
             uint32_t af[2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
@@ -858,9 +900,22 @@ __global__ void __launch_bounds__(kThreads) token_sum_kernel(TokenSumParams<T> p
             const int r = wm * 32 + mt * 16 + lane / 4 + (v >= 2 ? 8 : 0);
             const int c = c0 + wn * 64 + nt * 8 + (lane % 4) * 2;
             if (r >= rows || c >= p.hidden) continue;
-            const int64_t o = static_cast<int64_t>(tile_tokens[r]) * p.hidden + c;
             const float a0 = acc[mt][nt][v], a1 = acc[mt][nt][v + 1];
             const bool pair = c + 1 < p.hidden;
+            const int rank = tile_rank[r];
+            if (rank < p.partial_rows) {  // c - first column is even, the pitch a multiple of 4
+              float* dst = p.partial +
+                           (static_cast<int64_t>(tile_tokens[r]) * p.partial_rows + rank) *
+                               p.partial_pitch +
+                           (c - p.db_begin * kTokBN);
+              if (pair) {
+                *reinterpret_cast<float2*>(dst) = make_float2(a0, a1);
+              } else {
+                *dst = a0;
+              }
+              continue;
+            }
+            const int64_t o = static_cast<int64_t>(tile_tokens[r]) * p.hidden + c;
             if constexpr (kFixed) {
               const double scale = tile_scale[r];
               auto* dst = reinterpret_cast<unsigned long long*>(p.acc_fixed + o);
@@ -884,25 +939,49 @@ __global__ void __launch_bounds__(kThreads) token_sum_kernel(TokenSumParams<T> p
   }
 }
 
-// out[t, c] = (accumulate ? out : 0) + the token sums.
+// out[t, c] = (accumulate ? out : 0) + the token's partial rows in rank order + its
+// accumulator (when it has more groups than partial rows), for columns [c_begin, c_end).
+template <typename T>
+struct TokenSumFinishParams {
+  const float* partial;
+  int partial_rows;
+  int64_t partial_pitch;
+  const int* member_count;  // [T] groups per token
+  const long long* acc_fixed;
+  const float* acc_float;
+  const unsigned* token_amax;
+  const unsigned* table_amax;
+  int tokens, hidden, top_k, c_begin, c_end;
+  T* out;
+  int64_t out_stride;
+  bool accumulate;
+};
+
 template <typename T, bool kFixed>
-__global__ void __launch_bounds__(kThreads) token_sum_finish_kernel(
-    const long long* __restrict__ acc_fixed, const float* __restrict__ acc_float,
-    const unsigned* __restrict__ token_amax, const unsigned* __restrict__ table_amax, int tokens,
-    int hidden, int top_k, T* __restrict__ out, int64_t out_stride, bool accumulate) {
-  const int64_t n = static_cast<int64_t>(tokens) * hidden;
+__global__ void __launch_bounds__(kThreads) token_sum_finish_kernel(TokenSumFinishParams<T> p) {
+  const int width = p.c_end - p.c_begin;
+  const int64_t n = static_cast<int64_t>(p.tokens) * width;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / hidden, c = i - t * hidden;
-    float v;
-    if constexpr (kFixed) {
-      const int shift = fixed_point_shift(token_amax[t], *table_amax, top_k);
-      v = static_cast<float>(ldexp(static_cast<double>(acc_fixed[i]), -shift));
-    } else {
-      v = acc_float[i];
+    const int64_t t = i / width;
+    const int cc = static_cast<int>(i - t * width), c = p.c_begin + cc;
+    const int groups = __ldg(p.member_count + t);
+    const int rows = min(groups, p.partial_rows);
+    const float* part = p.partial + t * p.partial_rows * p.partial_pitch + cc;
+    float v = 0.0f;
+#pragma unroll 4
+    for (int r = 0; r < rows; ++r) v += __ldg(part + r * p.partial_pitch);
+    if (groups > p.partial_rows) {
+      const int64_t a = t * p.hidden + c;
+      if constexpr (kFixed) {
+        const int shift = fixed_point_shift(p.token_amax[t], *p.table_amax, p.top_k);
+        v += static_cast<float>(ldexp(static_cast<double>(p.acc_fixed[a]), -shift));
+      } else {
+        v += p.acc_float[a];
+      }
     }
-    T* o = out + t * out_stride + c;
-    if (accumulate) v += load_float(*o);
+    T* o = p.out + t * p.out_stride + c;
+    if (p.accumulate) v += load_float(*o);
     *o = store_float<T>(v);
   }
 }
@@ -996,19 +1075,19 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
       reinterpret_cast<uint32_t*>(coef_block)[i] = 0u;
     }
     load_slots(gr, tile0 + kt, s0, n_slots, slots, slot_range, slot_mask);
-    for (int s = warp; s < n_slots; s += kExpThreads / 32) {  // a warp per slot, a lane per pair
-      const int2 range = slot_range[s];
-      const uint4 mask = slot_mask[s];
-      for (int j = lane; j < range.y - range.x; j += 32) {
-        coef_block[s * kExpPitch + row_of_pair(mask, j)] =
-            store_float<T>(__ldg(p.coef + range.x + j));
-      }
+    const int q_end = slot_range[n_slots - 1].y;
+    for (int q = slot_range[0].x + tid; q < q_end; q += kExpThreads) {  // a thread per pair
+      const int s = slot_of_pair(slot_range, n_slots, q);
+      coef_block[s * kExpPitch + row_of_pair(slot_mask[s], q - slot_range[s].x)] =
+          store_float<T>(__ldg(p.coef + q));
     }
     cp_async_wait<1>();
     __syncthreads();
     const T* tb = sb + buf * (kTileTokens * kExpBN);
+    const int tile_rows = min(kTileTokens, n - kt * kTileTokens);  // past them: zeros
 #pragma unroll 2
     for (int kk = 0; kk < kTileTokens; kk += 16) {
+      if (kk >= tile_rows) break;  // uniform over the block
       uint32_t bf[2][4];
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
@@ -1073,11 +1152,13 @@ __global__ void __launch_bounds__(kThreads) zero_rows_kernel(T* __restrict__ out
 // The workspace, carved in 256-byte aligned pieces.
 struct Workspace {
   uint8_t* assign_row = nullptr;  // [P]
-  uint8_t* member = nullptr;      // [G, T]
+  uint8_t* member = nullptr;      // [G, T] 1 + rank, 0 when not a member
+  int* member_count = nullptr;    // [T] groups per token
   int* count = nullptr;           // [G]
   int* start = nullptr;           // [G + 1]
   int* tile_start = nullptr;      // [G + 1]
   int* tokens_of = nullptr;       // [min(T G, P)]
+  uint8_t* rank_of = nullptr;     // [min(T G, P)] as tokens_of: the token's rank of the group
   int* position = nullptr;        // [G, T]
   uint4* masks = nullptr;         // [tile bound, max slots] tokens of each (tile, slot)
   int* block_sums = nullptr;      // [mask entries / kScanBlock]
@@ -1088,9 +1169,54 @@ struct Workspace {
   unsigned* token_amax = nullptr; // [T]
   unsigned* table_amax = nullptr; // [1]
   long long* acc = nullptr;       // [T, d] (fixed point, or fp32 in its first half)
+  float* token_partial = nullptr; // [T, plan rows, plan pitch]
   float* partial = nullptr;       // [N, d] (backward)
   size_t bytes = 0;
 };
+
+// The token sums' partial rows: `rows` per token (a token's groups of lower rank; the rest go to
+// the accumulators), over the columns in `passes` passes of `blocks` blocks of kTokBN. A
+// router-made routing gives each token about sqrt(K) groups (at K = 512 median 21, 99th
+// percentile 28, max 33; 67.6 on average at K = 4096: its experts are a staircase, covered by at
+// most 2 sqrt(K) lines), so 1.25 sqrt(K) + 1 rows hold nearly all of them. The buffer is kept
+// near kPartialBudget by the column passes; each pass rebuilds the tiles' coefficient blocks
+// (~0.2 ms per pass at paper-k512-t16k, H100: 2 passes there). OMNIMOE_TILED_PASS_COLUMNS (a
+// multiple of kTokBN, or 0 for the accumulators alone) overrides the columns per pass (tests).
+constexpr int64_t kPartialBudget = int64_t{1} << 30;
+
+struct PartialPlan {
+  int rows = 0;        // 0: no partial rows
+  int blocks = 1;      // per pass
+  int passes = 1;
+  int64_t pitch = 0;   // floats per row, a multiple of 4
+};
+
+PartialPlan partial_plan(const LayerConfig& cfg, int64_t tokens) {
+  const int64_t d = cfg.hidden, d_blocks = (d + kTokBN - 1) / kTokBN;
+  const int64_t G = cfg.grid_rows + cfg.grid_cols;
+  PartialPlan plan;
+  const int64_t want = static_cast<int64_t>(std::ceil(1.25 * std::sqrt(double(cfg.top_k)))) + 1;
+  const int64_t rows = std::min({want, cfg.top_k, G, int64_t{kRankCap}});
+  const int64_t block_bytes = tokens * rows * kTokBN * int64_t{sizeof(float)};
+  int64_t blocks = block_bytes > 0 ? kPartialBudget / block_bytes : d_blocks;
+  if (const char* env = std::getenv("OMNIMOE_TILED_PASS_COLUMNS"); env && *env) {
+    char* end = nullptr;
+    const long long columns = std::strtoll(env, &end, 10);
+    OMNIMOE_CHECK(*end == '\0' && columns >= 0 && columns % kTokBN == 0,
+                  "OMNIMOE_TILED_PASS_COLUMNS must be 0 or a positive multiple of ", kTokBN,
+                  ", got \"", env, "\"");
+    blocks = columns / kTokBN;
+  }
+  if (blocks <= 0 || rows <= 0 || d_blocks == 0) {  // the accumulators alone, in one pass
+    plan.blocks = static_cast<int>(d_blocks);
+    return plan;
+  }
+  plan.rows = static_cast<int>(rows);
+  plan.passes = static_cast<int>((d_blocks + blocks - 1) / blocks);
+  plan.blocks = static_cast<int>((d_blocks + plan.passes - 1) / plan.passes);
+  plan.pitch = (std::min<int64_t>(d, int64_t{plan.blocks} * kTokBN) + 3) / 4 * 4;
+  return plan;
+}
 
 // Upper bound on the number of tiles (the exact count lives on the device).
 int64_t tile_bound(const LayerConfig& cfg, int64_t tokens) {
@@ -1110,10 +1236,12 @@ Workspace carve(const LayerConfig& cfg, int64_t tokens, bool backward, void* bas
   };
   take(w.assign_row, P);
   take(w.member, G * T);
+  take(w.member_count, T);
   take(w.count, G);
   take(w.start, G + 1);
   take(w.tile_start, G + 1);
   take(w.tokens_of, std::min(T * G, P));
+  take(w.rank_of, std::min(T * G, P));
   take(w.position, G * T);
   const int64_t entries = tile_bound(cfg, tokens) * std::max(cfg.grid_rows, cfg.grid_cols);
   take(w.masks, entries);
@@ -1125,6 +1253,8 @@ Workspace carve(const LayerConfig& cfg, int64_t tokens, bool backward, void* bas
   take(w.token_amax, T);
   take(w.table_amax, 1);
   take(w.acc, T * d);
+  const PartialPlan plan = partial_plan(cfg, tokens);
+  take(w.token_partial, T * plan.rows * plan.pitch);
   if (backward) take(w.partial, N * d);
   w.bytes = off;
   return w;
@@ -1214,7 +1344,7 @@ Groups build_groups(const LayerConfig& cfg, int64_t tokens, const TensorView& in
   }
   assign_pairs_kernel<<<T, kThreads, assign_smem, stream>>>(
       static_cast<const int*>(indices.data), indices.strides[0], T, K, Nr, Nc, w.assign_row,
-      w.member);
+      w.member, w.member_count);
   OMNIMOE_CUDA_CHECK_LAUNCH("assign_pairs_kernel");
   const int warps_per_block = kThreads / 32;
   const int group_blocks = (G + warps_per_block - 1) / warps_per_block;
@@ -1223,7 +1353,7 @@ Groups build_groups(const LayerConfig& cfg, int64_t tokens, const TensorView& in
   scan_groups_kernel<<<1, 1024, 0, stream>>>(w.count, G, w.start, w.tile_start);
   OMNIMOE_CUDA_CHECK_LAUNCH("scan_groups_kernel");
   fill_groups_kernel<<<group_blocks, kThreads, 0, stream>>>(w.member, T, G, w.start, w.tokens_of,
-                                                            w.position);
+                                                            w.rank_of, w.position);
   OMNIMOE_CUDA_CHECK_LAUNCH("fill_groups_kernel");
   const int max_slots = std::max(Nr, Nc);
   const int64_t entries = tile_bound(cfg, tokens) * max_slots;
@@ -1310,45 +1440,71 @@ DotParams<T> dot_params(const LayerConfig& cfg, const Groups& gr, const TensorVi
   return dp;
 }
 
-// The token sums of `coef` over the rows of `table`, into out (overwritten or added to).
+// The token sums of `coef` over the rows of `table`, into out (overwritten or added to), in the
+// plan's column passes.
 template <typename T>
 void token_sums(const LayerConfig& cfg, const Groups& gr, const Workspace& w,
                 const TensorView& table, const TensorView& out, bool accumulate, bool fixed,
                 int64_t bound, StageTimer& timer, cudaStream_t stream) {
+  const PartialPlan plan = partial_plan(cfg, gr.tokens);
+  const int hidden = static_cast<int>(cfg.hidden);
   TokenSumParams<T> tp{};
   tp.gr = gr;
   tp.coef = w.coef;
   tp.table = static_cast<const T*>(table.data);
   tp.table_stride = table.strides[0];
-  tp.hidden = static_cast<int>(cfg.hidden);
+  tp.hidden = hidden;
   tp.window = token_sum_window(cfg);
+  tp.rank_of = w.rank_of;
+  tp.partial = w.token_partial;
+  tp.partial_rows = plan.rows;
+  tp.partial_pitch = plan.pitch;
   tp.token_amax = w.token_amax;
   tp.table_amax = w.table_amax;
   tp.acc_fixed = w.acc;
   tp.acc_float = reinterpret_cast<float*>(w.acc);
+  TokenSumFinishParams<T> fp{};
+  fp.partial = w.token_partial;
+  fp.partial_rows = plan.rows;
+  fp.partial_pitch = plan.pitch;
+  fp.member_count = w.member_count;
+  fp.acc_fixed = w.acc;
+  fp.acc_float = reinterpret_cast<const float*>(w.acc);
+  fp.token_amax = w.token_amax;
+  fp.table_amax = w.table_amax;
+  fp.tokens = gr.tokens;
+  fp.hidden = hidden;
+  fp.top_k = gr.top_k;
+  fp.out = static_cast<T*>(out.data);
+  fp.out_stride = out.strides[0];
+  fp.accumulate = accumulate;
   const size_t smem = token_sum_smem<T>(tp.window);
-  auto go = [&](auto kernel) {
+  const bool vec = rows_aligned(table);
+  auto sum = [&](auto kernel) {
     const int grid = persistent_grid(kernel, smem, bound);
     kernel<<<grid, kThreads, smem, stream>>>(tp);
     OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled token_sum_kernel");
   };
-  const bool vec = rows_aligned(table);
-  if (fixed) {
-    vec ? go(token_sum_kernel<T, true, true>) : go(token_sum_kernel<T, false, true>);
-  } else {
-    vec ? go(token_sum_kernel<T, true, false>) : go(token_sum_kernel<T, false, false>);
-  }
-  timer.mark("token_sum");
-  const int tokens = gr.tokens, hidden = static_cast<int>(cfg.hidden);
-  const int64_t n = static_cast<int64_t>(tokens) * hidden;
   auto finish = [&](auto kernel) {
-    kernel<<<elementwise_grid(n), kThreads, 0, stream>>>(
-        w.acc, reinterpret_cast<const float*>(w.acc), w.token_amax, w.table_amax, tokens,
-        hidden, gr.top_k, static_cast<T*>(out.data), out.strides[0], accumulate);
+    const int64_t n = static_cast<int64_t>(gr.tokens) * (fp.c_end - fp.c_begin);
+    kernel<<<elementwise_grid(n), kThreads, 0, stream>>>(fp);
     OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled token_sum_finish_kernel");
   };
-  fixed ? finish(token_sum_finish_kernel<T, true>) : finish(token_sum_finish_kernel<T, false>);
-  timer.mark("finish");
+  const int d_blocks = (hidden + kTokBN - 1) / kTokBN;
+  for (int pass = 0; pass < plan.passes; ++pass) {
+    tp.db_begin = pass * plan.blocks;
+    tp.db_end = std::min(d_blocks, tp.db_begin + plan.blocks);
+    if (fixed) {
+      vec ? sum(token_sum_kernel<T, true, true>) : sum(token_sum_kernel<T, false, true>);
+    } else {
+      vec ? sum(token_sum_kernel<T, true, false>) : sum(token_sum_kernel<T, false, false>);
+    }
+    timer.mark("token_sum");
+    fp.c_begin = tp.db_begin * kTokBN;
+    fp.c_end = std::min(hidden, tp.db_end * kTokBN);
+    fixed ? finish(token_sum_finish_kernel<T, true>) : finish(token_sum_finish_kernel<T, false>);
+    timer.mark("finish");
+  }
 }
 
 // An expert sum (dW or dV): grid rows into the partial sums, then grid columns into `out`.

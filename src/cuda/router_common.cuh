@@ -95,31 +95,6 @@ __device__ __forceinline__ int block_max_int(int v, int* scratch) {
   return v;
 }
 
-// Exclusive prefix sum over the block in thread order; *total gets the block's sum.
-template <typename T>
-__device__ __forceinline__ T block_exclusive_scan(T v, T* scratch, T* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  T inc = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T n = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += n;
-  }
-  __syncthreads();
-  if (lane == 31) scratch[warp] = inc;
-  __syncthreads();
-  const T w = lane < warps ? scratch[lane] : T(0);
-  T ws = w;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T n = __shfl_up_sync(0xffffffffu, ws, o);
-    if (lane >= o) ws += n;
-  }
-  const T warp_prefix = __shfl_sync(0xffffffffu, ws - w, warp);
-  *total = __shfl_sync(0xffffffffu, ws, warps - 1);
-  return warp_prefix + inc - v;
-}
-
 // Sorts a[0, n) ascending, n a power of two. Starts and ends with a barrier.
 __device__ __forceinline__ void bitonic_sort(uint64_t* a, uint32_t n) {
   __syncthreads();

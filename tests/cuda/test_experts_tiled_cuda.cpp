@@ -230,6 +230,77 @@ TEST(ExpertsTiledCudaDeterminism, bf16_T1024_d256_Nr32_Nc32_K128_TwoRunsBitwiseI
   for (int i = 0; i < 6; ++i) expect_bitwise_equal(out[0][i], out[1][i], names[i]);
 }
 
+// The token sums' two levels: partial rows per (token, group) summed in rank order, the groups
+// past a token's partial rows through the accumulators. OMNIMOE_TILED_PASS_COLUMNS=128 runs the
+// columns in passes of 128 (d = 300: three passes, the last one partial), =0 the accumulators
+// alone. Against the CPU in both routings (uniform: most tokens have more groups than rows), and
+// the passes bitwise equal to one pass (each partial row is the same product either way).
+class ExpertsTiledCudaPasses : public ::testing::TestWithParam<Routing> {};
+
+TEST_P(ExpertsTiledCudaPasses, ForwardAndBackwardMatchCpu) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  ForceTiledPath force;
+  const TiledCase c{DType::bf16, 300, 300, 12, 10, 40, kSilu, GetParam(), 0};
+  for (const char* columns : {"128", "0"}) {
+    SCOPED_TRACE(std::string("OMNIMOE_TILED_PASS_COLUMNS=") + columns);
+    ScopedEnv env("OMNIMOE_TILED_PASS_COLUMNS", columns);
+    ExpertsProblem P = problem_of(c, 77);
+    P.reset_outputs(true, 6);
+    run_both(true, [&](const Exec& e) { P.forward(true, e); });
+    P.expect_forward_close();
+    P.reset_outputs(false, 7);
+    P.forward(false, cpu_exec());
+    P.share_cpu_preact();
+    run_both(true, [&](const Exec& e) { P.backward(false, e); });
+    P.expect_backward_close();
+  }
+}
+
+TEST_P(ExpertsTiledCudaPasses, ColumnPassesBitwiseEqualOnePass) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  ForceTiledPath force;
+  const TiledCase c{DType::bf16, 300, 300, 12, 10, 40, kSilu, GetParam(), 0};
+  ExpertsProblem P = problem_of(c, 78);
+  CudaStream s;
+  const Exec e = cuda_exec_mode(s.get(), true);
+  HostTensor out[2][2];
+  const char* columns[2] = {nullptr, "128"};
+  for (int run = 0; run < 2; ++run) {
+    ScopedEnv env("OMNIMOE_TILED_PASS_COLUMNS", columns[run]);
+    P.reset_outputs(false, 8 + run);
+    P.forward(false, e);
+    P.backward(false, e);
+    s.synchronize();
+    out[run][0] = P.y.fetch();
+    out[run][1] = P.dx.fetch();
+  }
+  expect_bitwise_equal(out[0][0], out[1][0], "y");
+  expect_bitwise_equal(out[0][1], out[1][1], "dx");
+}
+
+TEST(ExpertsTiledCudaPassesEnv, BadColumnCountIsNamed) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  ForceTiledPath force;
+  ScopedEnv env("OMNIMOE_TILED_PASS_COLUMNS", "100");
+  const TiledCase c{DType::bf16, 64, 64, 4, 4, 4, kSilu, kCart, 0};
+  ExpertsProblem P = problem_of(c, 79);
+  CudaStream s;
+  try {
+    P.forward(false, cuda_exec_mode(s.get(), true));
+    FAIL() << "expected an error";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("OMNIMOE_TILED_PASS_COLUMNS must be 0 or a positive "
+                                           "multiple of 128, got \"100\""),
+              std::string::npos)
+        << err.what();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Routings, ExpertsTiledCudaPasses, ::testing::Values(kCart, kUni),
+                         [](const auto& info) {
+                           return info.param == kCart ? "cartesian" : "uniform";
+                         });
+
 // ------------------------------------------------------------------------------------------
 // Timing (disabled by default):
 //   OMNIMOE_TILED_SHAPES=paper-k512-t4k,paper-k4096-t4k omnimoe_cuda_tests \
@@ -273,6 +344,7 @@ void print_group_stats(const HostTensor& idx, int64_t T, int64_t K, int64_t Nr, 
   std::vector<int> rc(Nr), cc(Nc);
   std::vector<char> in_row(Nr), in_col(Nc);
   double groups = 0, slots = 0;
+  std::vector<int> per_token(static_cast<size_t>(T), 0);  // groups of each token
   std::vector<int64_t> hist(10, 0);  // pairs per (token, grid row): 1, 2-3, 4-7, ...
   const int32_t* id = static_cast<const int32_t*>(idx.data());
   for (int64_t t = 0; t < T; ++t) {
@@ -288,6 +360,8 @@ void print_group_stats(const HostTensor& idx, int64_t T, int64_t K, int64_t Nr, 
       const int i = id[t * K + k] / Nc, j = id[t * K + k] % Nc;
       if (rc[i] >= cc[j]) in_row[i] = 1; else in_col[j] = 1;
     }
+    for (int64_t i = 0; i < Nr; ++i) per_token[t] += in_row[i];
+    for (int64_t j = 0; j < Nc; ++j) per_token[t] += in_col[j];
     for (int64_t i = 0; i < Nr; ++i) {
       groups += in_row[i];
       slots += in_row[i] * Nc;
@@ -301,6 +375,12 @@ void print_group_stats(const HostTensor& idx, int64_t T, int64_t K, int64_t Nr, 
   std::printf("  groups per token %.1f, block fill %.3f (pairs / dense block entries), "
               "tokens per group %.0f\n",
               groups / T, static_cast<double>(T * K) / slots, groups / (Nr + Nc));
+  std::sort(per_token.begin(), per_token.end());
+  if (T > 0) {
+    std::printf("  groups per token: median %d, 99th percentile %d, max %d (sqrt(K) = %.1f)\n",
+                per_token[T / 2], per_token[std::min<int64_t>(T - 1, T * 99 / 100)],
+                per_token[T - 1], std::sqrt(static_cast<double>(K)));
+  }
   std::printf("  (token, grid row) pair counts: ");
   for (int b = 0; b < 10; ++b) std::printf("[%d..%d] %lld  ", 1 << b, (2 << b) - 1,
                                            static_cast<long long>(hist[b]));
@@ -455,6 +535,7 @@ TEST(ExpertsTiledCudaTiming, DISABLED_paper_shapes) {
   const char* only = std::getenv("OMNIMOE_TILED_SHAPES");
   const Shape shapes[] = {
       {"paper-k512-t4k", 4096, 1024, 320, 320, 512},
+      {"paper-k512-t16k", 16384, 1024, 320, 320, 512},
       {"paper-k4096-t4k", 4096, 1024, 320, 320, 4096},
       {"N102k-k128-t4k", 4096, 1024, 320, 320, 128},
   };
