@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One call for a kernel change, from carried builds (build-carry/build.tgz = the change,
 # build-carry/base.tgz = before it; tarballs of omnimoe and tests/omnimoe_cuda_tests): every CUDA
-# test, memcheck and racecheck on the router's select tests and the layer's overlap tests, an A/B
-# of the two builds (ab_bench.sh on AB_CONFIGS), then BENCH_CONFIGS benched with JSON by the change
-# if its tests passed (else by the base), then PROFILE=1: a line-level ncu profile of the
-# selection (prof_select.sh). Everything lands in $OUT/check.tgz.
+# test, memcheck and racecheck on SANITIZE_FILTER (default: the router's select tests and the
+# layer's overlap tests), an A/B of the two builds (ab_bench.sh on AB_CONFIGS, AB_ENVS), then
+# BENCH_CONFIGS benched with JSON by the change if its tests passed (else by the base), then
+# PROFILE=1: a line-level ncu profile of the selection (prof_select.sh). PY_FILES="test_cuda.py
+# ..." also builds the Python package from the working tree (in the background from the start;
+# the A/B waits for it) and runs those test files after the benches (tests/python/device_check.sh).
+# Everything lands in $OUT/check.tgz.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
 final_out=${OUT:-/tmp/omnimoe_out}
@@ -12,6 +15,12 @@ O="$final_out/check"
 mkdir -p "$O/json" build-dev build-base
 trap 'tar czf "$final_out/check.tgz" -C "$final_out" check && rm -rf "$O"' EXIT
 tar xzf build-carry/build.tgz -C build-dev && tar xzf build-carry/base.tgz -C build-base || exit 1
+if [ -n "${PY_FILES:-}" ]; then
+  (OMNIMOE_PY_VENV=none OMNIMOE_PY_CUDA=ON OMNIMOE_PY_VERBOSE=1 OMNIMOE_PY_BUILD_ONLY=1 \
+     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) nice -n 19 ./tests/python/run.sh > "$O/python_build.log" 2>&1
+   echo "python package build: rc $?" >> "$O/python_build.log") &
+  py_build=$!
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$O/gpu.txt"
 bin=build-dev/tests/omnimoe_cuda_tests
 timeout 200 $bin --gtest_brief=1 > "$O/cuda_tests.log" 2>&1
@@ -23,6 +32,9 @@ for t in memcheck racecheck; do
     --gtest_brief=1 > "$O/sanitizer_$t.log" 2>&1
   echo "$t rc $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$O/sanitizer_$t.log" | tail -1)"
 done
+if [ -n "${PY_FILES:-}" ]; then
+  wait $py_build; tail -n 1 "$O/python_build.log"
+fi
 OUT="$O" AB_BINS="build-base/omnimoe build-dev/omnimoe" AB_ROUNDS=${AB_ROUNDS:-1} AB_ITERS=15 \
   bash scripts/device/ab_bench.sh
 b=build-dev; [ $rc -eq 0 ] || b=build-base
@@ -34,4 +46,8 @@ for c in ${BENCH_CONFIGS:-}; do
 done
 grep -E "omnimoe bench:|^  (layer forward  |layer forward\+backward  |router select|experts forward|baseline: token)" "$O/bench.txt" | cut -c1-100
 [ "${PROFILE:-0}" = 1 ] && OUT="$O" bash scripts/device/prof_select.sh
+if [ -n "${PY_FILES:-}" ]; then
+  OUT="$O" DEVICE_SKIP_BUILD=1 DEVICE_TEST_FILES="$PY_FILES" timeout 240 \
+    bash tests/python/device_check.sh 2>&1 | grep "device_check" | tail -n 20
+fi
 exit 0
