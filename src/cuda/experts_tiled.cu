@@ -791,8 +791,9 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
     const int base = __ldg(gr.start + g), n = __ldg(gr.start + g + 1) - base;
     const int r0 = (tile - __ldg(gr.tile_start + g)) * kTokBM;
     const int rows = min(kTokBM, n - r0);
-    // Row blocks of 16 past the tile's last token are all zero: their products are skipped.
-    const bool live = wm * 32 < rows;  // this warp's rows hold tokens
+    // A warp whose 32 rows are all past the tile's last token skips its products (all zero;
+    // a finer 16-row skip cost registers: one CTA per SM instead of two).
+    const bool live = wm * 32 < rows;
     for (int r = tid; r < kTokBM; r += kThreads) {
       const int t = r < rows ? __ldg(gr.tokens_of + base + r0 + r) : -1;
       tile_tokens[r] = t;
