@@ -31,7 +31,10 @@ enum class Direction { forward, backward };
 //   m = 10.2 (K = 256):            fwd 1.35 | 1.22   bwd 2.50 | 4.42
 //   m = 20.5 (K = 512):            fwd 2.69 | 1.83   bwd 4.89 | 5.71
 //   m = 164 (K = 4096):            fwd 21.2 | 6.9    bwd 38.2 | 15.5
-// Forward crosses between 5 and 10; backward (a line through its two points) near 25.
+// Forward crosses between 5 and 10; backward (a line through its two points) near 25. Session
+// 12's tiled kernels (ExpertsTiledCudaTiming, same card): m = 20.5 fwd 2.68 | 1.67, bwd
+// 4.43 | 4.63; m = 82 (T = 16384) fwd 10.7 | 5.37, bwd 18.5 | 11.35; m = 164 fwd 21.2 | 6.30,
+// bwd 33.7 | 13.9: the backward still favours gather at m = 20.5 (m = 5 and 10 not rerun).
 constexpr double kTiledForwardMinTokensPerExpert = 8.0;
 constexpr double kTiledBackwardMinTokensPerExpert = 25.0;
 

@@ -1181,9 +1181,10 @@ struct Workspace {
 // percentile 28, max 33; 67.6 on average at K = 4096: its experts are a staircase, covered by at
 // most 2 sqrt(K) lines), so 1.25 sqrt(K) + 1 rows hold nearly all of them. The buffer is kept
 // near kPartialBudget by the column passes; each pass rebuilds the tiles' coefficient blocks
-// (~0.2 ms per pass at paper-k512-t16k, H100: 2 passes there). OMNIMOE_TILED_PASS_COLUMNS (a
-// multiple of kTokBN, or 0 for the accumulators alone) overrides the columns per pass (tests).
-constexpr int64_t kPartialBudget = int64_t{1} << 30;
+// (~0.2 ms per pass at paper-k512-t16k, H100: 3 passes there, 0.76 GB; one pass, 2.0 GB, ran
+// its forward in 4.93 ms against 5.37). OMNIMOE_TILED_PASS_COLUMNS (a multiple of kTokBN, or 0
+// for the accumulators alone) overrides the columns per pass.
+constexpr int64_t kPartialBudget = int64_t{768} << 20;
 
 struct PartialPlan {
   int rows = 0;        // 0: no partial rows
