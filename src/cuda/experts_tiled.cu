@@ -1182,8 +1182,9 @@ struct Workspace {
 // most 2 sqrt(K) lines), so 1.25 sqrt(K) + 1 rows hold nearly all of them. The buffer is kept
 // near kPartialBudget by the column passes; each pass rebuilds the tiles' coefficient blocks
 // (~0.2 ms per pass at paper-k512-t16k, H100: 3 passes there, 0.76 GB; one pass, 2.0 GB, ran
-// its forward in 4.93 ms against 5.37). OMNIMOE_TILED_PASS_COLUMNS (a multiple of kTokBN, or 0
-// for the accumulators alone) overrides the columns per pass.
+// its forward in 4.93 ms against 5.37); where one block of columns does not fit (T above ~52k
+// at K = 512), the accumulators take every group. OMNIMOE_TILED_PASS_COLUMNS (a multiple of
+// kTokBN, or 0 for the accumulators alone) overrides the columns per pass.
 constexpr int64_t kPartialBudget = int64_t{768} << 20;
 
 struct PartialPlan {
