@@ -44,7 +44,7 @@ for c in ${BENCH_CONFIGS:-}; do
     --json "$O/json/$c.json" >> "$O/bench.txt" 2>> "$O/bench_progress.log"
   echo "bench $c: rc $?"
 done
-grep -E "omnimoe bench:|^  (layer forward  |layer forward\+backward  |router select|experts forward|baseline: token)" "$O/bench.txt" | cut -c1-100
+[ -f "$O/bench.txt" ] && grep -E "omnimoe bench:|^  (layer forward  |layer forward\+backward  |router select|experts forward|baseline: token)" "$O/bench.txt" | cut -c1-100
 [ "${PROFILE:-0}" = 1 ] && OUT="$O" bash scripts/device/prof_select.sh
 if [ -n "${PY_FILES:-}" ]; then
   OUT="$O" DEVICE_SKIP_BUILD=1 DEVICE_TEST_FILES="$PY_FILES" timeout 240 \
