@@ -1150,31 +1150,6 @@ __global__ void __launch_bounds__(kThreads) zero_rows_kernel(T* __restrict__ out
 // ------------------------------------------------------------------------------------------
 // Host side.
 
-// The workspace, carved in 256-byte aligned pieces.
-struct Workspace {
-  uint8_t* assign_row = nullptr;  // [P]
-  uint8_t* member = nullptr;      // [G, T] 1 + rank, 0 when not a member
-  int* member_count = nullptr;    // [T] groups per token
-  int* count = nullptr;           // [G]
-  int* start = nullptr;           // [G + 1]
-  int* tile_start = nullptr;      // [G + 1]
-  int* tokens_of = nullptr;       // [min(T G, P)]
-  uint8_t* rank_of = nullptr;     // [min(T G, P)] as tokens_of: the token's rank of the group
-  int* position = nullptr;        // [G, T]
-  uint4* masks = nullptr;         // [tile bound, max slots] tokens of each (tile, slot)
-  int* block_sums = nullptr;      // [mask entries / kScanBlock]
-  int2* ranges = nullptr;         // [tile bound, max slots]
-  int4* records = nullptr;        // [P] in pair order: k, gate, saved pre-activation
-  float* coef = nullptr;          // [P]
-  float* coef2 = nullptr;         // [P] (backward)
-  unsigned* token_amax = nullptr; // [T]
-  unsigned* table_amax = nullptr; // [1]
-  long long* acc = nullptr;       // [T, d] (fixed point, or fp32 in its first half)
-  float* token_partial = nullptr; // [T, plan rows, plan pitch]
-  float* partial = nullptr;       // [N, d] (backward)
-  size_t bytes = 0;
-};
-
 // The token sums' partial rows: `rows` per token (a token's groups of lower rank; the rest go to
 // the accumulators), over the columns in `passes` passes of `blocks` blocks of kTokBN. A
 // router-made routing gives each token about sqrt(K) groups (at K = 512 median 21, 99th
@@ -1221,6 +1196,32 @@ PartialPlan partial_plan(const LayerConfig& cfg, int64_t tokens) {
   return plan;
 }
 
+// The workspace, carved in 256-byte aligned pieces.
+struct Workspace {
+  uint8_t* assign_row = nullptr;  // [P]
+  uint8_t* member = nullptr;      // [G, T] 1 + rank, 0 when not a member
+  int* member_count = nullptr;    // [T] groups per token
+  int* count = nullptr;           // [G]
+  int* start = nullptr;           // [G + 1]
+  int* tile_start = nullptr;      // [G + 1]
+  int* tokens_of = nullptr;       // [min(T G, P)]
+  uint8_t* rank_of = nullptr;     // [min(T G, P)] as tokens_of: the token's rank of the group
+  int* position = nullptr;        // [G, T]
+  uint4* masks = nullptr;         // [tile bound, max slots] tokens of each (tile, slot)
+  int* block_sums = nullptr;      // [mask entries / kScanBlock]
+  int2* ranges = nullptr;         // [tile bound, max slots]
+  int4* records = nullptr;        // [P] in pair order: k, gate, saved pre-activation
+  float* coef = nullptr;          // [P]
+  float* coef2 = nullptr;         // [P] (backward)
+  unsigned* token_amax = nullptr; // [T]
+  unsigned* table_amax = nullptr; // [1]
+  long long* acc = nullptr;       // [T, d] (fixed point, or fp32 in its first half)
+  float* token_partial = nullptr; // [T, plan.rows, plan.pitch]
+  PartialPlan plan;               // the token sums' partial rows and column passes
+  float* partial = nullptr;       // [N, d] (backward)
+  size_t bytes = 0;
+};
+
 // Upper bound on the number of tiles (the exact count lives on the device).
 int64_t tile_bound(const LayerConfig& cfg, int64_t tokens) {
   const int64_t G = cfg.grid_rows + cfg.grid_cols;
@@ -1256,8 +1257,8 @@ Workspace carve(const LayerConfig& cfg, int64_t tokens, bool backward, void* bas
   take(w.token_amax, T);
   take(w.table_amax, 1);
   take(w.acc, T * d);
-  const PartialPlan plan = partial_plan(cfg, tokens);
-  take(w.token_partial, T * plan.rows * plan.pitch);
+  w.plan = partial_plan(cfg, tokens);
+  take(w.token_partial, T * w.plan.rows * w.plan.pitch);
   if (backward) take(w.partial, N * d);
   w.bytes = off;
   return w;
@@ -1449,7 +1450,7 @@ template <typename T>
 void token_sums(const LayerConfig& cfg, const Groups& gr, const Workspace& w,
                 const TensorView& table, const TensorView& out, bool accumulate, bool fixed,
                 int64_t bound, StageTimer& timer, cudaStream_t stream) {
-  const PartialPlan plan = partial_plan(cfg, gr.tokens);
+  const PartialPlan& plan = w.plan;
   const int hidden = static_cast<int>(cfg.hidden);
   TokenSumParams<T> tp{};
   tp.gr = gr;
