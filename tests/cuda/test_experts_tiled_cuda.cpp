@@ -118,6 +118,16 @@ void run_both(bool deterministic, Op&& op) {
   OMNIMOE_TEST_CUDA_CHECK(cudaGetLastError());
 }
 
+// Backward from the CPU's saved preact on both sides, against the CPU.
+void expect_backward_matches_cpu(ExpertsProblem& P, bool accumulate_dx, bool deterministic,
+                                 uint64_t seed) {
+  P.reset_outputs(accumulate_dx, seed);
+  P.forward(false, cpu_exec());
+  P.share_cpu_preact();
+  run_both(deterministic, [&](const Exec& e) { P.backward(accumulate_dx, e); });
+  P.expect_backward_close();
+}
+
 class ExpertsTiledCuda : public ::testing::TestWithParam<TiledCase> {};
 
 TEST_P(ExpertsTiledCuda, ForwardMatchesCpu) {
@@ -151,22 +161,14 @@ TEST_P(ExpertsTiledCuda, BackwardMatchesCpu) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
   ExpertsProblem P = problem_of(GetParam(), seed_of(GetParam()));
-  P.reset_outputs(false, 4);
-  P.forward(false, cpu_exec());
-  P.share_cpu_preact();
-  run_both(true, [&](const Exec& e) { P.backward(false, e); });
-  P.expect_backward_close();
+  expect_backward_matches_cpu(P, false, true, 4);
 }
 
 TEST_P(ExpertsTiledCuda, BackwardAccumulatesIntoDxWithFloatAtomics) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
   ExpertsProblem P = problem_of(GetParam(), seed_of(GetParam()));
-  P.reset_outputs(true, 5);
-  P.forward(false, cpu_exec());
-  P.share_cpu_preact();
-  run_both(false, [&](const Exec& e) { P.backward(true, e); });
-  P.expect_backward_close();
+  expect_backward_matches_cpu(P, true, false, 5);
 }
 
 const auto kSilu = Activation::silu;
@@ -248,11 +250,7 @@ TEST_P(ExpertsTiledCudaPasses, ForwardAndBackwardMatchCpu) {
     P.reset_outputs(true, 6);
     run_both(true, [&](const Exec& e) { P.forward(true, e); });
     P.expect_forward_close();
-    P.reset_outputs(false, 7);
-    P.forward(false, cpu_exec());
-    P.share_cpu_preact();
-    run_both(true, [&](const Exec& e) { P.backward(false, e); });
-    P.expect_backward_close();
+    expect_backward_matches_cpu(P, false, true, 7);
   }
 }
 
