@@ -179,7 +179,8 @@ const auto kUni = Routing::uniform;
 
 // m = T K / N from about 1 to 195. d = 37 with unpadded rows takes the element-wise copies;
 // d = 37 padded to 40 the 16-byte copies with a partial last chunk; 80 grid columns need two
-// slot blocks; K = 1, K = N; T = 512 and 1000 give groups of several token tiles.
+// slot blocks; K = 1, K = N; T = 512 and 1000 give groups of several token tiles; 600 grid
+// columns need two coefficient windows in the token sums (and d = 264 two column blocks).
 std::vector<TiledCase> tiled_cases() {
   return {
       {DType::bf16, 512, 64, 16, 16, 64, kSilu, kCart, 0},    // m = 128
@@ -190,6 +191,7 @@ std::vector<TiledCase> tiled_cases() {
       {DType::bf16, 64, 96, 8, 8, 64, kGelu, kCart, 0},       // K = N
       {DType::bf16, 129, 64, 4, 5, 1, kSilu, kCart, 8},       // K = 1
       {DType::bf16, 1000, 256, 32, 32, 200, kSilu, kCart, 0}, // m = 195, many tiles per group
+      {DType::bf16, 300, 264, 3, 600, 48, kSilu, kCart, 0},   // 600 slots: two windows
   };
 }
 
