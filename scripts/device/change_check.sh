@@ -7,7 +7,7 @@
 # PROFILE=1: a line-level ncu profile of the selection (prof_select.sh). PY_FILES="test_cuda.py
 # ..." also builds the Python package from the working tree (in the background from the start;
 # the A/B waits for it) and runs those test files after the benches (tests/python/device_check.sh).
-# Everything lands in $OUT/check.tgz.
+# Everything lands in $OUT/check.tgz. Variant builds for the A/B: build-carry/variants/*.txz (below).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
 final_out=${OUT:-/tmp/omnimoe_out}
@@ -15,6 +15,14 @@ O="$final_out/check"
 mkdir -p "$O/json" build-dev build-base
 trap 'tar czf "$final_out/check.tgz" -C "$final_out" check && rm -rf "$O"' EXIT
 tar xzf build-carry/build.tgz -C build-dev && tar xzf build-carry/base.tgz -C build-base || exit 1
+# Extra builds for the A/B only: build-carry/variants/NAME.txz, each holding `omnimoe` (xz: ~9 MB
+# a build, so several fit the carry beside the two tarballs), benched as build-NAME.
+variants=""
+for v in build-carry/variants/*.txz; do
+  [ -e "$v" ] || continue
+  n=$(basename "$v" .txz)
+  mkdir -p "build-$n" && python3 -m tarfile -e "$v" "build-$n" && variants="$variants build-$n/omnimoe"
+done
 if [ -n "${PY_FILES:-}" ]; then
   (OMNIMOE_PY_VENV=none OMNIMOE_PY_CUDA=ON OMNIMOE_PY_VERBOSE=1 OMNIMOE_PY_BUILD_ONLY=1 \
      CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) nice -n 19 ./tests/python/run.sh > "$O/python_build.log" 2>&1
@@ -35,7 +43,7 @@ done
 if [ -n "${PY_FILES:-}" ]; then
   wait $py_build; tail -n 1 "$O/python_build.log"
 fi
-OUT="$O" AB_BINS="build-base/omnimoe build-dev/omnimoe" AB_ROUNDS=${AB_ROUNDS:-1} AB_ITERS=15 \
+OUT="$O" AB_BINS="build-base/omnimoe build-dev/omnimoe$variants" AB_ROUNDS=${AB_ROUNDS:-1} AB_ITERS=15 \
   bash scripts/device/ab_bench.sh
 b=build-dev; [ $rc -eq 0 ] || b=build-base
 echo "benched with $b" | tee "$O/benched_with.txt"
