@@ -10,6 +10,7 @@ per config beside the issue's 6x line (matplotlib).
 """
 import argparse
 import json
+import sys
 
 COLUMNS = [
     ("layer forward", "layer fwd"),
@@ -100,6 +101,10 @@ def main():
         data = json.load(f)
     print(table(data))
     if a.figure:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("bench_report.py: --figure needs matplotlib (python3 -m pip install matplotlib)")
         figure(data, a.figure)
 
 
