@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "backend/backend.h"
+#include "core/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/experts_activation.cuh"
 
@@ -1177,12 +1178,8 @@ PartialPlan partial_plan(const LayerConfig& cfg, int64_t tokens) {
   const int64_t rows = std::min({want, cfg.top_k, G, int64_t{kRankCap}});
   const int64_t block_bytes = tokens * rows * kTokBN * int64_t{sizeof(float)};
   int64_t blocks = block_bytes > 0 ? kPartialBudget / block_bytes : d_blocks;
-  if (const char* env = std::getenv("OMNIMOE_TILED_PASS_COLUMNS"); env && *env) {
-    char* end = nullptr;
-    const long long columns = std::strtoll(env, &end, 10);
-    OMNIMOE_CHECK(*end == '\0' && columns >= 0 && columns % kTokBN == 0,
-                  "OMNIMOE_TILED_PASS_COLUMNS must be 0 or a positive multiple of ", kTokBN,
-                  ", got \"", env, "\"");
+  if (const int64_t columns = detail::env_count("OMNIMOE_TILED_PASS_COLUMNS", kTokBN);
+      columns >= 0) {
     blocks = columns / kTokBN;
   }
   if (blocks <= 0 || rows <= 0 || d_blocks == 0) {  // the accumulators alone, in one pass
@@ -1269,8 +1266,7 @@ Workspace carve(const LayerConfig& cfg, int64_t tokens, bool backward, void* bas
 class StageTimer {
  public:
   StageTimer(const char* op, cudaStream_t stream) : op_(op), stream_(stream) {
-    const char* env = std::getenv("OMNIMOE_TILED_TIMING");
-    on_ = env != nullptr && env[0] == '1';
+    on_ = detail::env_equals("OMNIMOE_TILED_TIMING", "1");
     mark("start");
   }
   void mark(const char* name) {
