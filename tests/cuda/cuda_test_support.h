@@ -68,8 +68,12 @@ class DeviceBuffer {
   size_t bytes() const { return bytes_; }
   Buffer buffer() const { return {data_, bytes_}; }
   // All bytes 0xFF: NaN in every float type, so an element an op forgot to write fails.
+  // Waits for the memset: cudaMemset runs on the legacy stream, which the tests' non-blocking
+  // streams do not wait for, so an unfinished poison could land on an op's workspace mid-call.
   void poison() const {
-    if (bytes_ > 0) OMNIMOE_TEST_CUDA_CHECK(cudaMemset(data_, 0xff, bytes_));
+    if (bytes_ == 0) return;
+    OMNIMOE_TEST_CUDA_CHECK(cudaMemset(data_, 0xff, bytes_));
+    OMNIMOE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
  private:

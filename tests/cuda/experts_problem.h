@@ -166,9 +166,6 @@ struct ExpertsProblem {
       }
     }
     for (MirroredTensor* t : {&preact, &dup, &ddown, &dgates}) t->poison();
-    // cudaMemset may run asynchronously on the legacy stream, which the test's non-blocking
-    // stream does not wait for.
-    OMNIMOE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
   // Backward reads the CPU's preact on both sides, so both start from the same saved state.

@@ -190,9 +190,6 @@ struct CudaSide {
     saved.poison();
     workspace.poison();
     for (int i = 0; i < 4; ++i) norm[i].copy_from(norm_initial[i]);
-    // cudaMemset may run asynchronously on the legacy stream, which the test's non-blocking
-    // stream does not wait for.
-    OMNIMOE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
   LayerViews views(const LayerConfig& cfg) {
