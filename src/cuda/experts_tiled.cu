@@ -734,6 +734,58 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
 }
 
 // ------------------------------------------------------------------------------------------
+// The coefficient block of slots [w0, w0 + w_slots) of `tile`: block[r * pitch + s] = the
+// coefficient of the tile's token r at slot w0 + s, zero where it has no pair. A thread per pair
+// (independent loads, many in flight). Block-wide; ends with a barrier.
+template <typename T>
+__device__ void build_coef_window(const Groups& gr, const float* __restrict__ coef, int tile,
+                                  int w0, int w_slots, int slots, int pitch, T* block,
+                                  int2* slot_range, uint4* slot_mask) {
+  for (int i = threadIdx.x; i < kTokBM * pitch / 8; i += blockDim.x) {  // 16-byte chunks
+    reinterpret_cast<uint4*>(block)[i] = make_uint4(0u, 0u, 0u, 0u);
+  }
+  load_slots(gr, tile, w0, w_slots, slots, slot_range, slot_mask);
+  const int q_end = slot_range[w_slots - 1].y;
+  for (int q = slot_range[0].x + threadIdx.x; q < q_end; q += blockDim.x) {
+    const int s = slot_of_pair(slot_range, w_slots, q);
+    block[row_of_pair(slot_mask[s], q - slot_range[s].x) * pitch + s] =
+        store_float<T>(__ldg(coef + q));
+  }
+  __syncthreads();
+}
+
+// Every tile's coefficient block built once, for the token sums' passes to copy instead of
+// rebuilding it (tiles from `cap` on, past the workspace's budget, are built in place there):
+// blocks[tile][r][s] over the tile's token rows r (rows past its last token are not written:
+// their products are never stored) and `window` slots (every group's slots fit one window).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) build_coef_blocks_kernel(Groups gr,
+                                                                     const float* __restrict__ coef,
+                                                                     int window, int cap,
+                                                                     T* __restrict__ blocks) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int pitch = window + 8;
+  T* block = reinterpret_cast<T*>(smem);
+  int2* slot_range = reinterpret_cast<int2*>(block + kTokBM * pitch);
+  uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + window);
+  const int tiles = min(__ldg(gr.tile_start + gr.count), cap);
+  const int row_chunks = window / 8;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int g = gr.group_of_tile(tile);
+    const int slots = gr.slots(g);
+    const int n = __ldg(gr.start + g + 1) - __ldg(gr.start + g);
+    const int rows = min(kTokBM, n - (tile - __ldg(gr.tile_start + g)) * kTokBM);
+    build_coef_window(gr, coef, tile, 0, slots, slots, pitch, block, slot_range, slot_mask);
+    uint4* dst = reinterpret_cast<uint4*>(blocks + static_cast<int64_t>(tile) * kTokBM * window);
+    for (int i = threadIdx.x; i < rows * row_chunks; i += blockDim.x) {
+      const int r = i / row_chunks;
+      dst[i] = reinterpret_cast<const uint4*>(block + r * pitch)[i - r * row_chunks];
+    }
+    __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // Token sums: out[t] = sum over the token's groups g of sum over g's slots of coef(t, slot) *
 // table[expert(slot)], per tile of 128 tokens, d in blocks of 128 columns. Two levels: each
 // (token, group) row of the tile is stored once in fp32 as the token's partial row `rank`
@@ -758,6 +810,8 @@ struct TokenSumParams {
   const unsigned* table_amax;
   long long* acc_fixed;  // deterministic
   float* acc_float;      // exec.deterministic == false
+  const T* blocks;       // coefficient blocks of tiles [0, blocks_cap) (build_coef_blocks_kernel)
+  int blocks_cap;        // 0: every tile builds its block in place
 };
 
 template <typename T>
@@ -808,21 +862,21 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
     __syncthreads();
     const int windows = (slots + p.window - 1) / p.window;
 
-    // The coefficients of slots [w0, w0 + window) for the tile's tokens, zero where no pair.
-    // A thread per pair: independent loads, many in flight.
+    // The tile's coefficient block: copied from the prebuilt ones (one window; its cp.async
+    // group completes with the first stage's), else built here for each window.
     auto build_window = [&](int w0) {
-      for (int i = tid; i < kTokBM * pitch / 8; i += kThreads) {  // rows of 16-byte chunks
-        reinterpret_cast<uint4*>(coef_block)[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (tile < p.blocks_cap) {
+        const int row_chunks = p.window / 8;
+        const T* src = p.blocks + static_cast<int64_t>(tile) * kTokBM * p.window;
+        for (int i = tid; i < rows * row_chunks; i += kThreads) {
+          const int r = i / row_chunks, c = i - r * row_chunks;
+          cp_async_16(coef_block + r * pitch + c * 8, src + static_cast<int64_t>(i) * 8, 16);
+        }
+        cp_async_commit();
+        return;
       }
-      const int w_slots = min(p.window, slots - w0);
-      load_slots(gr, tile, w0, w_slots, slots, slot_range, slot_mask);
-      const int q_end = slot_range[w_slots - 1].y;
-      for (int q = slot_range[0].x + tid; q < q_end; q += kThreads) {
-        const int s = slot_of_pair(slot_range, w_slots, q);
-        coef_block[row_of_pair(slot_mask[s], q - slot_range[s].x) * pitch + s] =
-            store_float<T>(__ldg(p.coef + q));
-      }
-      __syncthreads();
+      build_coef_window(gr, p.coef, tile, w0, min(p.window, slots - w0), slots, pitch,
+                        coef_block, slot_range, slot_mask);
     };
 
     const int ch = tid % 16;  // each thread copies 2 chunks of [32 slots][128 columns]
@@ -1193,6 +1247,12 @@ PartialPlan partial_plan(const LayerConfig& cfg, int64_t tokens) {
   return plan;
 }
 
+// Slots of the token sums' coefficient block in shared memory (a multiple of kTokBK).
+int token_sum_window(const LayerConfig& cfg) {
+  const int64_t s = std::max(cfg.grid_rows, cfg.grid_cols);
+  return static_cast<int>(std::min<int64_t>((s + kTokBK - 1) / kTokBK * kTokBK, kTokMaxWindow));
+}
+
 // The workspace, carved in 256-byte aligned pieces.
 struct Workspace {
   uint8_t* assign_row = nullptr;  // [P]
@@ -1215,6 +1275,8 @@ struct Workspace {
   long long* acc = nullptr;       // [T, d] (fixed point, or fp32 in its first half)
   float* token_partial = nullptr; // [T, plan.rows, plan.pitch]
   PartialPlan plan;               // the token sums' partial rows and column passes
+  uint16_t* coef_blocks = nullptr; // [blocks_cap, 128, window] bf16 / f16 coefficient blocks
+  int blocks_cap = 0;             // tiles whose blocks are built once (0: none)
   float* partial = nullptr;       // [N, d] (backward)
   size_t bytes = 0;
 };
@@ -1223,6 +1285,25 @@ struct Workspace {
 int64_t tile_bound(const LayerConfig& cfg, int64_t tokens) {
   const int64_t G = cfg.grid_rows + cfg.grid_cols;
   return std::min(tokens * G, tokens * cfg.top_k) / kTileTokens + G;
+}
+
+// The tiles whose coefficient blocks are built once per op (build_coef_blocks_kernel) instead of
+// once per token-sum pass: as many as kCoefBlockBudget holds, when every group's slots fit one
+// window (else none). OMNIMOE_TILED_COEF_BLOCKS (a tile count; 0: none) overrides.
+constexpr int64_t kCoefBlockBudget = int64_t{384} << 20;
+
+int coef_block_cap(const LayerConfig& cfg, int64_t tokens) {
+  if (std::max(cfg.grid_rows, cfg.grid_cols) > kTokMaxWindow) return 0;
+  const int64_t per_tile = int64_t{kTokBM} * token_sum_window(cfg) * 2;
+  int64_t cap = kCoefBlockBudget / per_tile;
+  if (const char* env = std::getenv("OMNIMOE_TILED_COEF_BLOCKS"); env && *env) {
+    char* end = nullptr;
+    const long long tiles = std::strtoll(env, &end, 10);
+    OMNIMOE_CHECK(*end == '\0' && tiles >= 0,
+                  "OMNIMOE_TILED_COEF_BLOCKS must be a tile count (0 or more), got \"", env, "\"");
+    cap = tiles;
+  }
+  return static_cast<int>(std::min(cap, tile_bound(cfg, tokens)));
 }
 
 Workspace carve(const LayerConfig& cfg, int64_t tokens, bool backward, void* base) {
@@ -1256,6 +1337,8 @@ Workspace carve(const LayerConfig& cfg, int64_t tokens, bool backward, void* bas
   take(w.acc, T * d);
   w.plan = partial_plan(cfg, tokens);
   take(w.token_partial, T * w.plan.rows * w.plan.pitch);
+  w.blocks_cap = coef_block_cap(cfg, tokens);
+  take(w.coef_blocks, int64_t{w.blocks_cap} * kTokBM * token_sum_window(cfg));
   if (backward) take(w.partial, N * d);
   w.bytes = off;
   return w;
@@ -1401,11 +1484,6 @@ Groups build_groups(const LayerConfig& cfg, int64_t tokens, const TensorView& in
   return gr;
 }
 
-int token_sum_window(const LayerConfig& cfg) {
-  const int64_t s = std::max(cfg.grid_rows, cfg.grid_cols);
-  return static_cast<int>(std::min<int64_t>((s + kTokBK - 1) / kTokBK * kTokBK, kTokMaxWindow));
-}
-
 template <typename T>
 void launch_dot(const DotParams<T>& p, bool backward, bool vec, int64_t bound,
                 cudaStream_t stream) {
@@ -1463,6 +1541,8 @@ void token_sums(const LayerConfig& cfg, const Groups& gr, const Workspace& w,
   tp.table_amax = w.table_amax;
   tp.acc_fixed = w.acc;
   tp.acc_float = reinterpret_cast<float*>(w.acc);
+  tp.blocks = reinterpret_cast<const T*>(w.coef_blocks);
+  tp.blocks_cap = w.blocks_cap;
   TokenSumFinishParams<T> fp{};
   fp.partial = w.token_partial;
   fp.partial_rows = plan.rows;
@@ -1491,6 +1571,16 @@ void token_sums(const LayerConfig& cfg, const Groups& gr, const Workspace& w,
     OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled token_sum_finish_kernel");
   };
   const int d_blocks = (hidden + kTokBN - 1) / kTokBN;
+  if (w.blocks_cap > 0) {
+    const size_t block_smem = static_cast<size_t>(kTokBM) * (tp.window + 8) * sizeof(T) +
+                              static_cast<size_t>(tp.window) * (sizeof(int2) + sizeof(uint4));
+    auto kernel = build_coef_blocks_kernel<T>;
+    const int grid = persistent_grid(kernel, block_smem, std::min<int64_t>(bound, w.blocks_cap));
+    kernel<<<grid, kThreads, block_smem, stream>>>(gr, w.coef, tp.window, w.blocks_cap,
+                                                   reinterpret_cast<T*>(w.coef_blocks));
+    OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled build_coef_blocks_kernel");
+    timer.mark("blocks");
+  }
   for (int pass = 0; pass < plan.passes; ++pass) {
     tp.db_begin = pass * plan.blocks;
     tp.db_end = std::min(d_blocks, tp.db_begin + plan.blocks);

@@ -248,6 +248,7 @@ TEST_P(ExpertsTiledCudaPasses, ForwardAndBackwardMatchCpu) {
   for (const char* columns : {"128", "0"}) {
     SCOPED_TRACE(std::string("OMNIMOE_TILED_PASS_COLUMNS=") + columns);
     ScopedEnv env("OMNIMOE_TILED_PASS_COLUMNS", columns);
+    ScopedEnv blocks("OMNIMOE_TILED_COEF_BLOCKS", "3");  // a few tiles prebuilt, the rest not
     ExpertsProblem P = problem_of(c, 77);
     P.reset_outputs(true, 6);
     run_both(true, [&](const Exec& e) { P.forward(true, e); });
@@ -256,6 +257,8 @@ TEST_P(ExpertsTiledCudaPasses, ForwardAndBackwardMatchCpu) {
   }
 }
 
+// Also the coefficient blocks built once per op against built in place by every pass (=0),
+// and a cap of 3 tiles (the rest built in place): the same blocks either way.
 TEST_P(ExpertsTiledCudaPasses, ColumnPassesBitwiseEqualOnePass) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
@@ -263,10 +266,17 @@ TEST_P(ExpertsTiledCudaPasses, ColumnPassesBitwiseEqualOnePass) {
   ExpertsProblem P = problem_of(c, 78);
   CudaStream s;
   const Exec e = cuda_exec_mode(s.get(), true);
-  HostTensor out[2][2];
-  const char* columns[2] = {nullptr, "128"};
-  for (int run = 0; run < 2; ++run) {
-    ScopedEnv env("OMNIMOE_TILED_PASS_COLUMNS", columns[run]);
+  struct Setting {
+    const char* var;
+    const char* value;
+  };
+  const Setting settings[4] = {{"OMNIMOE_TILED_PASS_COLUMNS", nullptr},
+                               {"OMNIMOE_TILED_PASS_COLUMNS", "128"},
+                               {"OMNIMOE_TILED_COEF_BLOCKS", "0"},
+                               {"OMNIMOE_TILED_COEF_BLOCKS", "3"}};
+  HostTensor out[4][2];
+  for (int run = 0; run < 4; ++run) {
+    ScopedEnv env(settings[run].var, settings[run].value);
     P.reset_outputs(false, 8 + run);
     P.forward(false, e);
     P.backward(false, e);
@@ -274,8 +284,11 @@ TEST_P(ExpertsTiledCudaPasses, ColumnPassesBitwiseEqualOnePass) {
     out[run][0] = P.y.fetch();
     out[run][1] = P.dx.fetch();
   }
-  expect_bitwise_equal(out[0][0], out[1][0], "y");
-  expect_bitwise_equal(out[0][1], out[1][1], "dx");
+  for (int run = 1; run < 4; ++run) {
+    SCOPED_TRACE(std::string(settings[run].var) + "=" + settings[run].value);
+    expect_bitwise_equal(out[0][0], out[run][0], "y");
+    expect_bitwise_equal(out[0][1], out[run][1], "dx");
+  }
 }
 
 TEST(ExpertsTiledCudaPassesEnv, BadColumnCountIsNamed) {
@@ -291,6 +304,24 @@ TEST(ExpertsTiledCudaPassesEnv, BadColumnCountIsNamed) {
   } catch (const Error& err) {
     EXPECT_NE(std::string(err.what()).find("OMNIMOE_TILED_PASS_COLUMNS must be 0 or a positive "
                                            "multiple of 128, got \"100\""),
+              std::string::npos)
+        << err.what();
+  }
+}
+
+TEST(ExpertsTiledCudaPassesEnv, BadCoefBlockCountIsNamed) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  ForceTiledPath force;
+  ScopedEnv env("OMNIMOE_TILED_COEF_BLOCKS", "-1");
+  const TiledCase c{DType::bf16, 64, 64, 4, 4, 4, kSilu, kCart, 0};
+  ExpertsProblem P = problem_of(c, 80);
+  CudaStream s;
+  try {
+    P.forward(false, cuda_exec_mode(s.get(), true));
+    FAIL() << "expected an error";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("OMNIMOE_TILED_COEF_BLOCKS must be a tile count (0 or "
+                                           "more), got \"-1\""),
               std::string::npos)
         << err.what();
   }
