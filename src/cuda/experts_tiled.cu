@@ -756,8 +756,9 @@ __device__ void build_coef_window(const Groups& gr, const float* __restrict__ co
 
 // Every tile's coefficient block built once, for the token sums' passes to copy instead of
 // rebuilding it (tiles from `cap` on, past the workspace's budget, are built in place there):
-// blocks[tile][r][s] over the tile's token rows r (rows past its last token are not written:
-// their products are never stored) and `window` slots (every group's slots fit one window).
+// blocks[tile][r][s] over `window` slots (every group's slots fit one window) and the tile's
+// token rows r, rounded up to 16 with zero rows (the expert sums reduce over whole 16-row steps;
+// rows past those are never read).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) build_coef_blocks_kernel(Groups gr,
                                                                      const float* __restrict__ coef,
@@ -775,9 +776,10 @@ __global__ void __launch_bounds__(kThreads) build_coef_blocks_kernel(Groups gr,
     const int slots = gr.slots(g);
     const int n = __ldg(gr.start + g + 1) - __ldg(gr.start + g);
     const int rows = min(kTokBM, n - (tile - __ldg(gr.tile_start + g)) * kTokBM);
+    const int rows16 = min(kTokBM, (rows + 15) / 16 * 16);
     build_coef_window(gr, coef, tile, 0, slots, slots, pitch, block, slot_range, slot_mask);
     uint4* dst = reinterpret_cast<uint4*>(blocks + static_cast<int64_t>(tile) * kTokBM * window);
-    for (int i = threadIdx.x; i < rows * row_chunks; i += blockDim.x) {
+    for (int i = threadIdx.x; i < rows16 * row_chunks; i += blockDim.x) {
       const int r = i / row_chunks;
       dst[i] = reinterpret_cast<const uint4*>(block + r * pitch)[i - r * row_chunks];
     }
@@ -1061,12 +1063,19 @@ struct ExpertSumParams {
   float* partial;  // [N, d]
   T* out;          // [N, d] (column pass): grads.up or grads.down
   int64_t out_stride;
+  const T* blocks;  // coefficient blocks of tiles [0, blocks_cap), [tile][128][window]
+  int blocks_cap;
+  int window;
 };
 
 constexpr int kExpThreads = 512;
 constexpr int kExpSlots = 320;                 // 16 warps: 4 (80 slots) x 4 (32 columns)
 constexpr int kExpPitch = kTileTokens + 8;     // padded row of the coefficient block
 constexpr size_t kExpCoefBytes = static_cast<size_t>(kExpSlots) * kExpPitch * 2;
+// A prebuilt block is copied token-major, [128 tokens][320 slots + 8], into the same space.
+constexpr int kExpPrePitch = kExpSlots + 8;
+static_assert(static_cast<size_t>(kTileTokens) * kExpPrePitch * 2 <= kExpCoefBytes,
+              "a prebuilt block fits the coefficient block's space");
 constexpr size_t kExpStageBytes = static_cast<size_t>(kTileTokens) * kExpBN * 2;
 constexpr size_t kExpSmem =
     kExpCoefBytes + 2 * kExpStageBytes + kExpSlots * (sizeof(int2) + sizeof(uint4));
@@ -1123,24 +1132,40 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
 
   if (tiles > 0) load_stage(0, 0);
   cp_async_commit();
+  const int slot_chunks16 = (n_slots + 15) / 16 * 2;  // 16-byte chunks of a prebuilt row
   for (int kt = 0; kt < tiles; ++kt) {
     const int buf = kt % 2;
+    const int tile_rows = min(kTileTokens, n - kt * kTileTokens);  // past them: zeros
+    // The tile's block: copied token-major from the prebuilt ones (its group completes with
+    // this tile's stage), else scattered here slot-major.
+    const bool prebuilt = tile0 + kt < p.blocks_cap;  // uniform over the block
+    if (prebuilt) {
+      const int rows16 = min(kTileTokens, (tile_rows + 15) / 16 * 16);
+      const T* src = p.blocks + static_cast<int64_t>(tile0 + kt) * kTileTokens * p.window + s0;
+      for (int i = tid; i < rows16 * slot_chunks16; i += kExpThreads) {
+        const int r = i / slot_chunks16, c = i - r * slot_chunks16;
+        cp_async_16(coef_block + r * kExpPrePitch + c * 8,
+                    src + static_cast<int64_t>(r) * p.window + c * 8, 16);
+      }
+      cp_async_commit();
+    }
     if (kt + 1 < tiles) load_stage(buf ^ 1, kt + 1);
     cp_async_commit();
-    for (int i = tid; i < zero_words; i += kExpThreads) {
-      reinterpret_cast<uint32_t*>(coef_block)[i] = 0u;
-    }
-    load_slots(gr, tile0 + kt, s0, n_slots, slots, slot_range, slot_mask);
-    const int q_end = slot_range[n_slots - 1].y;
-    for (int q = slot_range[0].x + tid; q < q_end; q += kExpThreads) {  // a thread per pair
-      const int s = slot_of_pair(slot_range, n_slots, q);
-      coef_block[s * kExpPitch + row_of_pair(slot_mask[s], q - slot_range[s].x)] =
-          store_float<T>(__ldg(p.coef + q));
+    if (!prebuilt) {
+      for (int i = tid; i < zero_words; i += kExpThreads) {
+        reinterpret_cast<uint32_t*>(coef_block)[i] = 0u;
+      }
+      load_slots(gr, tile0 + kt, s0, n_slots, slots, slot_range, slot_mask);
+      const int q_end = slot_range[n_slots - 1].y;
+      for (int q = slot_range[0].x + tid; q < q_end; q += kExpThreads) {  // a thread per pair
+        const int s = slot_of_pair(slot_range, n_slots, q);
+        coef_block[s * kExpPitch + row_of_pair(slot_mask[s], q - slot_range[s].x)] =
+            store_float<T>(__ldg(p.coef + q));
+      }
     }
     cp_async_wait<1>();
     __syncthreads();
     const T* tb = sb + buf * (kTileTokens * kExpBN);
-    const int tile_rows = min(kTileTokens, n - kt * kTileTokens);  // past them: zeros
 #pragma unroll 2
     for (int kk = 0; kk < kTileTokens; kk += 16) {
       if (kk >= tile_rows) break;  // uniform over the block
@@ -1154,8 +1179,13 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
       for (int mt = 0; mt < 5; ++mt) {
         if (wm * 80 + mt * 16 >= n_slots) break;  // uniform over the warp
         uint32_t af[4];
-        ldsm_x4(af, coef_block + (wm * 80 + mt * 16 + lane % 16) * kExpPitch + kk +
-                        (lane / 16) * 8);
+        if (prebuilt) {  // [tokens][slots]: the transposed load gives the slot-major fragment
+          ldsm_x4_trans(af, coef_block + (kk + lane % 8 + (lane / 16) * 8) * kExpPrePitch +
+                                wm * 80 + mt * 16 + ((lane / 8) % 2) * 8);
+        } else {
+          ldsm_x4(af, coef_block + (wm * 80 + mt * 16 + lane % 16) * kExpPitch + kk +
+                          (lane / 16) * 8);
+        }
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
           mma_16816<T>(acc[mt][np * 2], af, bf[np][0], bf[np][1]);
@@ -1275,7 +1305,8 @@ struct Workspace {
   long long* acc = nullptr;       // [T, d] (fixed point, or fp32 in its first half)
   float* token_partial = nullptr; // [T, plan.rows, plan.pitch]
   PartialPlan plan;               // the token sums' partial rows and column passes
-  uint16_t* coef_blocks = nullptr; // [blocks_cap, 128, window] bf16 / f16 coefficient blocks
+  uint16_t* coef_blocks = nullptr; // [blocks_cap, 128, window] bf16 / f16 blocks of coef
+  uint16_t* coef2_blocks = nullptr; // the same of coef2 (backward)
   int blocks_cap = 0;             // tiles whose blocks are built once (0: none)
   float* partial = nullptr;       // [N, d] (backward)
   size_t bytes = 0;
@@ -1339,6 +1370,7 @@ Workspace carve(const LayerConfig& cfg, int64_t tokens, bool backward, void* bas
   take(w.token_partial, T * w.plan.rows * w.plan.pitch);
   w.blocks_cap = coef_block_cap(cfg, tokens);
   take(w.coef_blocks, int64_t{w.blocks_cap} * kTokBM * token_sum_window(cfg));
+  if (backward) take(w.coef2_blocks, int64_t{w.blocks_cap} * kTokBM * token_sum_window(cfg));
   if (backward) take(w.partial, N * d);
   w.bytes = off;
   return w;
@@ -1518,6 +1550,18 @@ DotParams<T> dot_params(const LayerConfig& cfg, const Groups& gr, const TensorVi
   return dp;
 }
 
+// The coefficient blocks of tiles [0, cap) from `coef` (build_coef_blocks_kernel).
+template <typename T>
+void launch_build_coef_blocks(const Groups& gr, const float* coef, int window, int cap,
+                              uint16_t* blocks, int64_t bound, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(kTokBM) * (window + 8) * sizeof(T) +
+                      static_cast<size_t>(window) * (sizeof(int2) + sizeof(uint4));
+  auto kernel = build_coef_blocks_kernel<T>;
+  const int grid = persistent_grid(kernel, smem, std::min<int64_t>(bound, cap));
+  kernel<<<grid, kThreads, smem, stream>>>(gr, coef, window, cap, reinterpret_cast<T*>(blocks));
+  OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled build_coef_blocks_kernel");
+}
+
 // The token sums of `coef` over the rows of `table`, into out (overwritten or added to), in the
 // plan's column passes.
 template <typename T>
@@ -1572,13 +1616,7 @@ void token_sums(const LayerConfig& cfg, const Groups& gr, const Workspace& w,
   };
   const int d_blocks = (hidden + kTokBN - 1) / kTokBN;
   if (w.blocks_cap > 0) {
-    const size_t block_smem = static_cast<size_t>(kTokBM) * (tp.window + 8) * sizeof(T) +
-                              static_cast<size_t>(tp.window) * (sizeof(int2) + sizeof(uint4));
-    auto kernel = build_coef_blocks_kernel<T>;
-    const int grid = persistent_grid(kernel, block_smem, std::min<int64_t>(bound, w.blocks_cap));
-    kernel<<<grid, kThreads, block_smem, stream>>>(gr, w.coef, tp.window, w.blocks_cap,
-                                                   reinterpret_cast<T*>(w.coef_blocks));
-    OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled build_coef_blocks_kernel");
+    launch_build_coef_blocks<T>(gr, w.coef, tp.window, w.blocks_cap, w.coef_blocks, bound, stream);
     timer.mark("blocks");
   }
   for (int pass = 0; pass < plan.passes; ++pass) {
@@ -1600,7 +1638,8 @@ void token_sums(const LayerConfig& cfg, const Groups& gr, const Workspace& w,
 // An expert sum (dW or dV): grid rows into the partial sums, then grid columns into `out`.
 template <typename T>
 void expert_sum(const LayerConfig& cfg, const Groups& gr, const Workspace& w, const float* coef,
-                const TensorView& rows, const TensorView& out, cudaStream_t stream) {
+                const uint16_t* blocks, const TensorView& rows, const TensorView& out,
+                cudaStream_t stream) {
   const int64_t d = cfg.hidden;
   ExpertSumParams<T> p{};
   p.gr = gr;
@@ -1614,6 +1653,9 @@ void expert_sum(const LayerConfig& cfg, const Groups& gr, const Workspace& w, co
   p.partial = w.partial;
   p.out = static_cast<T*>(out.data);
   p.out_stride = out.strides[0];
+  p.blocks = reinterpret_cast<const T*>(blocks);
+  p.blocks_cap = w.blocks_cap;
+  p.window = token_sum_window(cfg);
   const bool vec = rows_aligned(rows);
   const int64_t per_group = static_cast<int64_t>(p.slot_chunks) * p.d_blocks;
   auto go = [&](auto kernel, int64_t items) {
@@ -1708,10 +1750,15 @@ void backward_impl(const LayerConfig& cfg, const TensorView& x, const ExpertWeig
   timer.mark("dot");
   // dx (+)= sum da W.
   token_sums<T>(cfg, gr, w, weights.up, dx, accumulate_dx, fixed, bound, timer, stream);
-  // dW = sum da x, dV = sum g h dy.
-  expert_sum<T>(cfg, gr, w, w.coef, x, grads.up, stream);
+  // dW = sum da x (da's blocks built by the token sums), dV = sum g h dy.
+  expert_sum<T>(cfg, gr, w, w.coef, w.coef_blocks, x, grads.up, stream);
   timer.mark("dW");
-  expert_sum<T>(cfg, gr, w, w.coef2, dy, grads.down, stream);
+  if (w.blocks_cap > 0) {
+    launch_build_coef_blocks<T>(gr, w.coef2, token_sum_window(cfg), w.blocks_cap,
+                                w.coef2_blocks, bound, stream);
+    timer.mark("blocks");
+  }
+  expert_sum<T>(cfg, gr, w, w.coef2, w.coef2_blocks, dy, grads.down, stream);
   timer.mark("dV");
 }
 

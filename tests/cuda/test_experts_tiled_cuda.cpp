@@ -257,8 +257,8 @@ TEST_P(ExpertsTiledCudaPasses, ForwardAndBackwardMatchCpu) {
   }
 }
 
-// Also the coefficient blocks built once per op against built in place by every pass (=0),
-// and a cap of 3 tiles (the rest built in place): the same blocks either way.
+// Also the coefficient blocks built once per op against built in place by every pass and
+// expert sum (=0), and a cap of 3 tiles (the rest built in place): the same blocks either way.
 TEST_P(ExpertsTiledCudaPasses, ColumnPassesBitwiseEqualOnePass) {
   OMNIMOE_SKIP_WITHOUT_GPU();
   ForceTiledPath force;
@@ -274,20 +274,20 @@ TEST_P(ExpertsTiledCudaPasses, ColumnPassesBitwiseEqualOnePass) {
                                {"OMNIMOE_TILED_PASS_COLUMNS", "128"},
                                {"OMNIMOE_TILED_COEF_BLOCKS", "0"},
                                {"OMNIMOE_TILED_COEF_BLOCKS", "3"}};
-  HostTensor out[4][2];
+  HostTensor out[4][4];
   for (int run = 0; run < 4; ++run) {
     ScopedEnv env(settings[run].var, settings[run].value);
     P.reset_outputs(false, 8 + run);
     P.forward(false, e);
     P.backward(false, e);
     s.synchronize();
-    out[run][0] = P.y.fetch();
-    out[run][1] = P.dx.fetch();
+    int i = 0;
+    for (MirroredTensor* t : {&P.y, &P.dx, &P.dup, &P.ddown}) out[run][i++] = t->fetch();
   }
+  const char* names[4] = {"y", "dx", "grads.up", "grads.down"};
   for (int run = 1; run < 4; ++run) {
     SCOPED_TRACE(std::string(settings[run].var) + "=" + settings[run].value);
-    expect_bitwise_equal(out[0][0], out[run][0], "y");
-    expect_bitwise_equal(out[0][1], out[run][1], "dx");
+    for (int i = 0; i < 4; ++i) expect_bitwise_equal(out[0][i], out[run][i], names[i]);
   }
 }
 
