@@ -1327,11 +1327,7 @@ int coef_block_cap(const LayerConfig& cfg, int64_t tokens) {
   if (std::max(cfg.grid_rows, cfg.grid_cols) > kTokMaxWindow) return 0;
   const int64_t per_tile = int64_t{kTokBM} * token_sum_window(cfg) * 2;
   int64_t cap = kCoefBlockBudget / per_tile;
-  if (const char* env = std::getenv("OMNIMOE_TILED_COEF_BLOCKS"); env && *env) {
-    char* end = nullptr;
-    const long long tiles = std::strtoll(env, &end, 10);
-    OMNIMOE_CHECK(*end == '\0' && tiles >= 0,
-                  "OMNIMOE_TILED_COEF_BLOCKS must be a tile count (0 or more), got \"", env, "\"");
+  if (const int64_t tiles = detail::env_count("OMNIMOE_TILED_COEF_BLOCKS"); tiles >= 0) {
     cap = tiles;
   }
   return static_cast<int>(std::min(cap, tile_bound(cfg, tokens)));

@@ -320,8 +320,8 @@ TEST(ExpertsTiledCudaPassesEnv, BadCoefBlockCountIsNamed) {
     P.forward(false, cuda_exec_mode(s.get(), true));
     FAIL() << "expected an error";
   } catch (const Error& err) {
-    EXPECT_NE(std::string(err.what()).find("OMNIMOE_TILED_COEF_BLOCKS must be a tile count (0 or "
-                                           "more), got \"-1\""),
+    EXPECT_NE(std::string(err.what()).find("OMNIMOE_TILED_COEF_BLOCKS must be 0 or a positive "
+                                           "integer, got \"-1\""),
               std::string::npos)
         << err.what();
   }
