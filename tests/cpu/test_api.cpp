@@ -11,16 +11,6 @@
 namespace omnimoe::test {
 namespace {
 
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 TEST(ApiTensorView, contiguous_matrix_and_empty) {
   float buf[24];
   const TensorView v = TensorView::contiguous(buf, DType::f32, {2, 3, 4});

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/env.h"
+#include "test_support.h"
 
 namespace omnimoe::test {
 namespace {
@@ -15,14 +16,9 @@ constexpr const char* kVar = "OMNIMOE_TEST_ENV_COUNT";
 
 std::string count_error(const char* value, int64_t multiple) {
   setenv(kVar, value, 1);
-  try {
-    detail::env_count(kVar, multiple);
-  } catch (const Error& e) {
-    unsetenv(kVar);
-    return e.what();
-  }
+  const std::string what = error_of([&] { detail::env_count(kVar, multiple); });
   unsetenv(kVar);
-  return "";
+  return what;
 }
 
 TEST(EnvCount, UnsetOrEmptyIsMinusOne) {

@@ -291,40 +291,28 @@ TEST_P(ExpertsTiledCudaPasses, ColumnPassesBitwiseEqualOnePass) {
   }
 }
 
-TEST(ExpertsTiledCudaPassesEnv, BadColumnCountIsNamed) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
+// A tiled forward under var=value must fail with an error containing `message`.
+void expect_env_error(const char* var, const char* value, const std::string& message) {
   ForceTiledPath force;
-  ScopedEnv env("OMNIMOE_TILED_PASS_COLUMNS", "100");
+  ScopedEnv env(var, value);
   const TiledCase c{DType::bf16, 64, 64, 4, 4, 4, kSilu, kCart, 0};
   ExpertsProblem P = problem_of(c, 79);
   CudaStream s;
-  try {
-    P.forward(false, cuda_exec_mode(s.get(), true));
-    FAIL() << "expected an error";
-  } catch (const Error& err) {
-    EXPECT_NE(std::string(err.what()).find("OMNIMOE_TILED_PASS_COLUMNS must be 0 or a positive "
-                                           "multiple of 128, got \"100\""),
-              std::string::npos)
-        << err.what();
-  }
+  const std::string what = error_of([&] { P.forward(false, cuda_exec_mode(s.get(), true)); });
+  EXPECT_NE(what.find(message), std::string::npos) << "error: \"" << what << "\"";
+}
+
+TEST(ExpertsTiledCudaPassesEnv, BadColumnCountIsNamed) {
+  OMNIMOE_SKIP_WITHOUT_GPU();
+  expect_env_error("OMNIMOE_TILED_PASS_COLUMNS", "100",
+                   "OMNIMOE_TILED_PASS_COLUMNS must be 0 or a positive multiple of 128, got "
+                   "\"100\"");
 }
 
 TEST(ExpertsTiledCudaPassesEnv, BadCoefBlockCountIsNamed) {
   OMNIMOE_SKIP_WITHOUT_GPU();
-  ForceTiledPath force;
-  ScopedEnv env("OMNIMOE_TILED_COEF_BLOCKS", "-1");
-  const TiledCase c{DType::bf16, 64, 64, 4, 4, 4, kSilu, kCart, 0};
-  ExpertsProblem P = problem_of(c, 80);
-  CudaStream s;
-  try {
-    P.forward(false, cuda_exec_mode(s.get(), true));
-    FAIL() << "expected an error";
-  } catch (const Error& err) {
-    EXPECT_NE(std::string(err.what()).find("OMNIMOE_TILED_COEF_BLOCKS must be 0 or a positive "
-                                           "integer, got \"-1\""),
-              std::string::npos)
-        << err.what();
-  }
+  expect_env_error("OMNIMOE_TILED_COEF_BLOCKS", "-1",
+                   "OMNIMOE_TILED_COEF_BLOCKS must be 0 or a positive integer, got \"-1\"");
 }
 
 INSTANTIATE_TEST_SUITE_P(Routings, ExpertsTiledCudaPasses, ::testing::Values(kCart, kUni),

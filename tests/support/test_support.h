@@ -87,6 +87,17 @@ inline bool same_or_both_nan(double a, double b) {
   return (std::isnan(a) && std::isnan(b)) || a == b;
 }
 
+// The message of the omnimoe::Error that fn throws; "" when it throws none.
+template <typename Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 // A CPU Exec; threads = 0 is OpenMP's default.
 inline Exec cpu_exec(int threads = 0) {
   Exec e;
