@@ -40,8 +40,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kTileTokens = 128;  // tokens per tile of a group (dot products and token sums)
 
-// Dot products: [128 tokens x 64 slots] over d in steps of 64, 3 stages.
-constexpr int kDotBM = kTileTokens, kDotBN = 64, kDotBK = 64, kDotStages = 3;
+// Dot products: [128 tokens x 64 or 160 slots] over d in steps of 64, 3 stages.
+constexpr int kDotBM = kTileTokens, kDotBK = 64, kDotStages = 3;
 // Token sums: [128 tokens x 128 columns of d] over slots in steps of 32, 2 stages (two blocks
 // fit an SM).
 constexpr int kTokBM = kTileTokens, kTokBN = 128, kTokBK = 32, kTokStages = 2;
@@ -574,7 +574,10 @@ __device__ __forceinline__ int fixed_point_shift(unsigned coef_amax, unsigned ta
 }
 
 // ------------------------------------------------------------------------------------------
-// Dot products over tiles of [128 tokens x 64 slots] of a group.
+// Dot products over tiles of [128 tokens x kBN slots] of a group. kBN = 160 halves the L2 reads
+// per product against 64 (the token rows are read once per 160 slots instead of per 64) and
+// gives each warp 20 products per 7 shared-memory fragment loads instead of 8 per 4; 64 wastes
+// less on narrow grids (dot_slot_width).
 template <typename T>
 struct DotParams {
   Groups gr;
@@ -583,7 +586,8 @@ struct DotParams {
   const T* b;  // rows of experts: W (forward) or V (backward)
   int64_t b_stride;
   int hidden;
-  int slot_chunks;  // ceil(max(Nr, Nc) / kDotBN)
+  int slot_width;   // kBN: 64 or 160
+  int slot_chunks;  // ceil(max(Nr, Nc) / slot_width)
   Activation act;
   float* preact;  // [T, K]: written in forward
   int64_t preact_stride;
@@ -595,32 +599,40 @@ struct DotParams {
   unsigned* token_amax;  // [T] max |coef| per token (fixed-point scale of the token sums)
 };
 
-constexpr int kDotPitch = kDotBN + 4;  // fp32 epilogue tile row
-constexpr size_t kDotSmem =
-    static_cast<size_t>(kDotStages) * (kDotBM + kDotBN) * kDotBK * 2;  // 2-byte elements
-static_assert(static_cast<size_t>(kDotBM) * kDotPitch * 4 <= kDotSmem, "epilogue tile fits");
+constexpr int dot_pitch(int bn) { return bn + 4; }  // fp32 epilogue tile row
+constexpr size_t dot_smem(int bn) {
+  return static_cast<size_t>(kDotStages) * (kDotBM + bn) * kDotBK * 2;  // 2-byte elements
+}
+static_assert(static_cast<size_t>(kDotBM) * dot_pitch(64) * 4 <= dot_smem(64) &&
+                  static_cast<size_t>(kDotBM) * dot_pitch(160) * 4 <= dot_smem(160),
+              "epilogue tile fits");
 
-template <typename T, bool kBackward, bool kVec>
+template <typename T, bool kBackward, bool kVec, int kBN>
 __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
+  static_assert(kBN % 32 == 0, "two warp columns of 16-slot fragments");
+  constexpr int kWarpN = kBN / 2;      // slots per warp
+  constexpr int kNT = kWarpN / 8;      // mma n-tiles per warp
+  constexpr int kBLoads = kBN / 32;    // 16-byte chunks of the expert tile per thread per stage
+  constexpr int kPitch = dot_pitch(kBN);
   extern __shared__ __align__(128) unsigned char smem[];
   T* sa = reinterpret_cast<T*>(smem);
   T* sb = sa + kDotStages * kDotBM * kDotBK;
   float* tile_out = reinterpret_cast<float*>(smem);
   __shared__ int tile_tokens[kDotBM];
   __shared__ unsigned row_amax[kDotBM];
-  __shared__ int2 slot_range[kDotBN];
-  __shared__ uint4 slot_mask[kDotBN];
+  __shared__ int2 slot_range[kBN];
+  __shared__ uint4 slot_mask[kBN];
 
   const Groups& gr = p.gr;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2;  // 4 x 2 warps of 32 x 32
+  const int wm = warp / 2, wn = warp % 2;  // 4 x 2 warps of 32 tokens x kWarpN slots
   const int items = __ldg(gr.tile_start + gr.count) * p.slot_chunks;
   const int k_tiles = (p.hidden + kDotBK - 1) / kDotBK;
 
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
     const int tile = item / p.slot_chunks, chunk = item - tile * p.slot_chunks;
     const int g = gr.group_of_tile(tile);
-    const int slots = gr.slots(g), s0 = chunk * kDotBN;
+    const int slots = gr.slots(g), s0 = chunk * kBN;
     if (s0 >= slots) continue;  // uniform over the block
     const int base = __ldg(gr.start + g), n = __ldg(gr.start + g + 1) - base;
     const int r0 = (tile - __ldg(gr.tile_start + g)) * kDotBM;
@@ -633,10 +645,10 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
     }
     __syncthreads();
 
-    // Each thread copies 4 chunks of the token tile and 2 of the expert tile per stage.
+    // Each thread copies 4 chunks of the token tile and kBLoads of the expert tile per stage.
     const T* a_src[4];
-    const T* b_src[2];
-    int a_row[4], b_row[2];
+    const T* b_src[kBLoads];
+    int a_row[4], b_row[kBLoads];
     const int ch = tid % 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -645,7 +657,7 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
       a_src[i] = t >= 0 ? p.a + static_cast<int64_t>(t) * p.a_stride + ch * 8 : nullptr;
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kBLoads; ++i) {
       b_row[i] = tid / 8 + 32 * i;
       const int s = s0 + b_row[i];
       b_src[i] = s < slots ? p.b + static_cast<int64_t>(gr.expert(g, s)) * p.b_stride + ch * 8
@@ -653,7 +665,7 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
     }
     auto load_stage = [&](int stage, int k0) {
       T* da = sa + stage * kDotBM * kDotBK;
-      T* db = sb + stage * kDotBN * kDotBK;
+      T* db = sb + stage * kBN * kDotBK;
       const int valid = p.hidden - k0 - ch * 8;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -661,17 +673,17 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
                             a_src[i] ? valid : 0);
       }
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < kBLoads; ++i) {
         load_chunk<T, kVec>(db + swz<8>(b_row[i], ch * 8), b_src[i] ? b_src[i] + k0 : p.b,
                             b_src[i] ? valid : 0);
       }
     };
 
-    float acc[2][4][4];
+    float acc[2][kNT][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < kNT; ++j)
 #pragma unroll
         for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
 
@@ -687,25 +699,25 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
       if (next < k_tiles) load_stage(next % kDotStages, next * kDotBK);
       cp_async_commit();
       const T* ta = sa + (kt % kDotStages) * kDotBM * kDotBK;
-      const T* tb = sb + (kt % kDotStages) * kDotBN * kDotBK;
+      const T* tb = sb + (kt % kDotStages) * kBN * kDotBK;
 #pragma unroll
       for (int kk = 0; kk < kDotBK; kk += 16) {
         if (live == 0) break;  // warp-uniform
-        uint32_t af[2][4], bf[2][4];
+        uint32_t af[2][4], bf[kNT / 2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           if (mt >= live) continue;
           ldsm_x4(af[mt], ta + swz<8>(wm * 32 + mt * 16 + lane % 16, kk + (lane / 16) * 8));
         }
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          ldsm_x4(bf[np], tb + swz<8>(wn * 32 + np * 16 + lane % 8 + (lane / 16) * 8,
+        for (int np = 0; np < kNT / 2; ++np) {
+          ldsm_x4(bf[np], tb + swz<8>(wn * kWarpN + np * 16 + lane % 8 + (lane / 16) * 8,
                                       kk + ((lane / 8) % 2) * 8));
         }
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
+          for (int nt = 0; nt < kNT; ++nt)
             if (mt < live) {
               mma_16816<T>(acc[mt][nt], af[mt], bf[nt / 2][(nt % 2) * 2],
                            bf[nt / 2][(nt % 2) * 2 + 1]);
@@ -719,22 +731,22 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
           const int r = wm * 32 + mt * 16 + lane / 4 + (v >= 2 ? 8 : 0);
-          const int c = wn * 32 + nt * 8 + (lane % 4) * 2 + (v & 1);
-          tile_out[r * kDotPitch + c] = acc[mt][nt][v];
+          const int c = wn * kWarpN + nt * 8 + (lane % 4) * 2 + (v & 1);
+          tile_out[r * kPitch + c] = acc[mt][nt][v];
         }
     // The tile's pairs, a thread per pair (independent loads, many in flight).
-    const int n_slots = min(kDotBN, slots - s0);
+    const int n_slots = min(kBN, slots - s0);
     load_slots(gr, tile, s0, n_slots, slots, slot_range, slot_mask);
     {
       const int q_end = slot_range[n_slots - 1].y;
       for (int q = slot_range[0].x + tid; q < q_end; q += kThreads) {
         const int s = slot_of_pair(slot_range, n_slots, q);
         const int r = row_of_pair(slot_mask[s], q - slot_range[s].x);
-        const float val = tile_out[r * kDotPitch + s];
+        const float val = tile_out[r * kPitch + s];
         const int4 rec = __ldg(gr.records + q);
         const int64_t t = tile_tokens[r];
         const int k = rec.x;
@@ -1335,8 +1347,8 @@ struct Workspace {
   long long* acc = nullptr;       // [T, d] (fixed point, or fp32 in its first half)
   float* token_partial = nullptr; // [T, plan.rows, plan.pitch]
   PartialPlan plan;               // the token sums' partial rows and column passes
-  uint16_t* coef_blocks = nullptr; // [blocks_cap, 128, window] bf16 / f16 blocks of coef
-  uint16_t* coef2_blocks = nullptr; // the same of coef2 (backward)
+  uint16_t* coef_blocks = nullptr; // [blocks_cap, 128, window] bf16 / f16 blocks of coef, then
+                                   // of coef2 (the backward's dV)
   int blocks_cap = 0;             // tiles whose blocks are built once (0: none)
   float* partial = nullptr;       // [N, d] (backward)
   size_t bytes = 0;
@@ -1397,7 +1409,6 @@ Workspace carve(const LayerConfig& cfg, int64_t tokens, bool backward, void* bas
   take(w.token_partial, T * w.plan.rows * w.plan.pitch);
   w.blocks_cap = coef_block_cap(cfg, tokens);
   take(w.coef_blocks, int64_t{w.blocks_cap} * kTokBM * token_sum_window(cfg));
-  if (backward) take(w.coef2_blocks, int64_t{w.blocks_cap} * kTokBM * token_sum_window(cfg));
   if (backward) take(w.partial, N * d);
   w.bytes = off;
   return w;
@@ -1544,19 +1555,40 @@ Groups build_groups(const LayerConfig& cfg, int64_t tokens, const TensorView& in
   return gr;
 }
 
-template <typename T>
-void launch_dot(const DotParams<T>& p, bool backward, bool vec, int64_t bound,
-                cudaStream_t stream) {
+template <typename T, int kBN>
+void launch_dot_width(const DotParams<T>& p, bool backward, bool vec, int64_t bound,
+                      cudaStream_t stream) {
   auto go = [&](auto kernel) {
-    const int grid = persistent_grid(kernel, kDotSmem, bound * p.slot_chunks);
-    kernel<<<grid, kThreads, kDotSmem, stream>>>(p);
+    const int grid = persistent_grid(kernel, dot_smem(kBN), bound * p.slot_chunks);
+    kernel<<<grid, kThreads, dot_smem(kBN), stream>>>(p);
     OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled dot_kernel");
   };
   if (backward) {
-    vec ? go(dot_kernel<T, true, true>) : go(dot_kernel<T, true, false>);
+    vec ? go(dot_kernel<T, true, true, kBN>) : go(dot_kernel<T, true, false, kBN>);
   } else {
-    vec ? go(dot_kernel<T, false, true>) : go(dot_kernel<T, false, false>);
+    vec ? go(dot_kernel<T, false, true, kBN>) : go(dot_kernel<T, false, false, kBN>);
   }
+}
+
+template <typename T>
+void launch_dot(const DotParams<T>& p, bool backward, bool vec, int64_t bound,
+                cudaStream_t stream) {
+  p.slot_width == 160 ? launch_dot_width<T, 160>(p, backward, vec, bound, stream)
+                      : launch_dot_width<T, 64>(p, backward, vec, bound, stream);
+}
+
+// Slots per dot tile: 160 where the slot chunks of 160 cover the groups with little more padding
+// than chunks of 64 (grids of 320 and 600: none), else 64. OMNIMOE_TILED_DOT_SLOTS (64 or 160)
+// overrides.
+int dot_slot_width(const LayerConfig& cfg) {
+  const int64_t s = std::max(cfg.grid_rows, cfg.grid_cols);
+  if (const char* v = std::getenv("OMNIMOE_TILED_DOT_SLOTS"); v != nullptr && *v != '\0') {
+    OMNIMOE_CHECK(std::strcmp(v, "64") == 0 || std::strcmp(v, "160") == 0,
+                  "OMNIMOE_TILED_DOT_SLOTS must be 64 or 160, got \"", v, "\"");
+    return std::atoi(v);
+  }
+  const int64_t padded64 = (s + 63) / 64 * 64, padded160 = (s + 159) / 160 * 160;
+  return s > 128 && padded160 * 8 <= padded64 * 9 ? 160 : 64;
 }
 
 template <typename T>
@@ -1569,8 +1601,9 @@ DotParams<T> dot_params(const LayerConfig& cfg, const Groups& gr, const TensorVi
   dp.b = static_cast<const T*>(table.data);
   dp.b_stride = table.strides[0];
   dp.hidden = static_cast<int>(cfg.hidden);
-  dp.slot_chunks =
-      static_cast<int>((std::max(cfg.grid_rows, cfg.grid_cols) + kDotBN - 1) / kDotBN);
+  dp.slot_width = dot_slot_width(cfg);
+  dp.slot_chunks = static_cast<int>((std::max(cfg.grid_rows, cfg.grid_cols) + dp.slot_width - 1) /
+                                    dp.slot_width);
   dp.act = cfg.act;
   dp.coef = w.coef;
   dp.coef2 = w.coef2;
@@ -1778,15 +1811,16 @@ void backward_impl(const LayerConfig& cfg, const TensorView& x, const ExpertWeig
   timer.mark("dot");
   // dx (+)= sum da W.
   token_sums<T>(cfg, gr, w, weights.up, dx, accumulate_dx, fixed, bound, timer, stream);
-  // dW = sum da x (da's blocks built by the token sums), dV = sum g h dy.
+  // dW = sum da x (da's blocks built by the token sums), dV = sum g h dy (g h's blocks built
+  // over da's, which dW has finished reading: same stream).
   expert_sum<T>(cfg, gr, w, w.coef, w.coef_blocks, x, grads.up, stream);
   timer.mark("dW");
   if (w.blocks_cap > 0) {
     launch_build_coef_blocks<T>(gr, w.coef2, token_sum_window(cfg), w.blocks_cap,
-                                w.coef2_blocks, bound, stream);
+                                w.coef_blocks, bound, stream);
     timer.mark("blocks");
   }
-  expert_sum<T>(cfg, gr, w, w.coef2, w.coef2_blocks, dy, grads.down, stream);
+  expert_sum<T>(cfg, gr, w, w.coef2, w.coef_blocks, dy, grads.down, stream);
   timer.mark("dV");
 }
 
