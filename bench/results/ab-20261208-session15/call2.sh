@@ -19,4 +19,7 @@ done
 SANITIZE_FILTER='*ExpertsTiled*-*Timing*' AB_CONFIGS="paper-k512-t4k paper-k512-t16k" \
 AB_ENVS="default OMNIMOE_TILED_DOT_SLOTS=64" \
 BENCH_CONFIGS="ref-quickstart pool-1m-k16 paper-k4096-t4k paper-k4096-t1k pool-1m-k256 paper-k512-t1k paper-k512-t4k paper-k512-t16k" \
-  timeout 420 bash scripts/device/change_check.sh
+  timeout 380 bash scripts/device/change_check.sh
+# ncu of the dev build's products at paper-k512-t16k: dot (fwd), token sums x3, dot (bwd), token
+# sums x3, the expert sums' two passes of dW.
+OUT=$OUT/s15 PROF_BIN=build-dev/omnimoe PROF_TIMEOUT=170 PROF_LAUNCHES=10 bash scripts/device/prof_tiled.sh
