@@ -42,9 +42,9 @@ constexpr int kTileTokens = 128;  // tokens per tile of a group (dot products an
 
 // Dot products: [128 tokens x 64 or 160 slots] over d in steps of 64, 3 stages.
 constexpr int kDotBM = kTileTokens, kDotBK = 64, kDotStages = 3;
-// Token sums: [128 tokens x 128 columns of d] over slots in steps of 32, 2 stages (two blocks
-// fit an SM).
-constexpr int kTokBM = kTileTokens, kTokBN = 128, kTokBK = 32, kTokStages = 2;
+// Token sums: [128 tokens x 128 columns of d] over slots in steps of 32, 3 stages (two blocks
+// fit an SM at 320 slots: the slot ranges and masks share the stages' space).
+constexpr int kTokBM = kTileTokens, kTokBN = 128, kTokBK = 32, kTokStages = 3;
 constexpr int kTokMaxWindow = 512;  // slots of the coefficient block held in shared memory
 // Expert sums: [up to 320 slots x 128 columns of d] over the group's tokens, 128 at a time.
 constexpr int kExpBN = 128;
@@ -857,11 +857,13 @@ struct TokenSumParams {
   int blocks_cap;        // 0: every tile builds its block in place
 };
 
+// The coefficient block, then the stages of expert rows; the slot ranges and masks of an
+// in-place build use the stages' space (no stage is in flight during a build).
 template <typename T>
 size_t token_sum_smem(int window) {
   return static_cast<size_t>(kTokBM) * (window + 8) * sizeof(T) +
-         static_cast<size_t>(kTokStages) * kTokBK * kTokBN * sizeof(T) +
-         static_cast<size_t>(window) * (sizeof(int2) + sizeof(uint4));
+         std::max(static_cast<size_t>(kTokStages) * kTokBK * kTokBN * sizeof(T),
+                  static_cast<size_t>(window) * (sizeof(int2) + sizeof(uint4)));
 }
 
 template <typename T, bool kVec, bool kFixed>
@@ -870,8 +872,8 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
   const int pitch = p.window + 8;
   T* coef_block = reinterpret_cast<T*>(smem);  // [128 tokens][window + 8]
   T* sb = coef_block + kTokBM * pitch;         // stages of [32 slots][128 columns]
-  int2* slot_range = reinterpret_cast<int2*>(sb + kTokStages * kTokBK * kTokBN);  // [window]
-  uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + p.window);            // [window]
+  int2* slot_range = reinterpret_cast<int2*>(sb);                   // [window], builds only
+  uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + p.window);  // [window]
   __shared__ int tile_tokens[kTokBM];
   __shared__ int tile_rank[kTokBM];
   __shared__ double tile_scale[kTokBM];
@@ -922,74 +924,86 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
                         coef_block, slot_range, slot_mask);
     };
 
+    // The steps: per column block db, the slots 32 at a time (a window is window / 32 steps).
+    // The stages' loads run ahead across column blocks when the tile has one window (its block
+    // stays); with several, a window's block is built after the last window's steps, so the
+    // loads stop at each window's end.
+    const int k_steps = (slots + kTokBK - 1) / kTokBK;  // per column block
+    const int total = (p.db_end - p.db_begin) * k_steps;
+    const int win_steps = p.window / kTokBK;
     const int ch = tid % 16;  // each thread copies 2 chunks of [32 slots][128 columns]
-    for (int db = p.db_begin; db < p.db_end; ++db) {
-      const int c0 = db * kTokBN;
-      float acc[2][8][4];
+    int loads = 0, load_end = 0;
+    // Loads step `loads` into its stage if it is below load_end; commits a group either way
+    // (one per step keeps the wait counts aligned).
+    auto load_next = [&]() {
+      if (loads < (windows == 1 ? total : load_end)) {
+        const int c0 = (p.db_begin + loads / k_steps) * kTokBN;
+        const int s0 = (loads % k_steps) * kTokBK;
+        const int w_end = min((s0 / p.window + 1) * p.window, slots);
+        T* dst = sb + (loads % kTokStages) * kTokBK * kTokBN;
+        const int valid = p.hidden - c0 - ch * 8;
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
-
-      for (int w = 0; w < windows; ++w) {
-        const int w0 = w * p.window;
-        if (windows > 1 || db == p.db_begin) build_window(w0);
-        const int w_slots = min(p.window, slots - w0);
-        const int k_tiles = (w_slots + kTokBK - 1) / kTokBK;
-        auto load_stage = [&](int stage, int kt) {
-          T* dst = sb + stage * kTokBK * kTokBN;
-          const int valid = p.hidden - c0 - ch * 8;
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int r = tid / 16 + 16 * i;
-            const int s = w0 + kt * kTokBK + r;
-            const bool ok = s < w0 + w_slots;
-            const T* src = ok ? p.table + static_cast<int64_t>(gr.expert(g, s)) * p.table_stride +
-                                    c0 + ch * 8
-                              : p.table;
-            load_chunk<T, kVec>(dst + swz<16>(r, ch * 8), src, ok ? valid : 0);
-          }
-        };
-#pragma unroll
-        for (int s = 0; s < kTokStages - 1; ++s) {
-          if (s < k_tiles) load_stage(s, s);
-          cp_async_commit();
+        for (int i = 0; i < 2; ++i) {
+          const int r = tid / 16 + 16 * i;
+          const bool ok = s0 + r < w_end;
+          const T* src = ok ? p.table +
+                                  static_cast<int64_t>(gr.expert(g, s0 + r)) * p.table_stride +
+                                  c0 + ch * 8
+                            : p.table;
+          load_chunk<T, kVec>(dst + swz<16>(r, ch * 8), src, ok ? valid : 0);
         }
-        for (int kt = 0; kt < k_tiles; ++kt) {
-          cp_async_wait<kTokStages - 2>();
-          __syncthreads();
-          const int next = kt + kTokStages - 1;
-          if (next < k_tiles) load_stage(next % kTokStages, next);
-          cp_async_commit();
-          const T* tb = sb + (kt % kTokStages) * kTokBK * kTokBN;
-#pragma unroll
-          for (int kk = 0; kk < kTokBK; kk += 16) {
-            if (!live) break;  // warp-uniform
-            uint32_t af[2][4];
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-              ldsm_x4(af[mt], coef_block + (wm * 32 + mt * 16 + lane % 16) * pitch +
-                                  kt * kTokBK + kk + (lane / 16) * 8);
-            }
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-              uint32_t bf[4];
-              ldsm_x4_trans(bf, tb + swz<16>(kk + lane % 8 + ((lane / 8) % 2) * 8,
-                                             wn * 64 + np * 16 + (lane / 16) * 8));
-#pragma unroll
-              for (int mt = 0; mt < 2; ++mt) {
-                mma_16816<T>(acc[mt][np * 2], af[mt], bf[0], bf[1]);
-                mma_16816<T>(acc[mt][np * 2 + 1], af[mt], bf[2], bf[3]);
-              }
-            }
-          }
-        }
-        cp_async_wait<0>();
-        __syncthreads();
+        ++loads;
       }
+      cp_async_commit();
+    };
 
+    float acc[2][8][4];
+    for (int step = 0; step < total; ++step) {
+      const int kg = step % k_steps, kw = kg % win_steps;  // in the column block; the window
+      if (kw == 0 && (windows > 1 || step == 0)) {
+        if (step > 0) __syncthreads();  // the last window's steps are done with the block
+        build_window(kg * kTokBK);
+        load_end = step + min(win_steps, k_steps - kg);
+#pragma unroll
+        for (int i = 0; i < kTokStages - 1; ++i) load_next();
+      }
+      if (kg == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
+      }
+      cp_async_wait<kTokStages - 2>();
+      __syncthreads();
+      load_next();
+      const T* tb = sb + (step % kTokStages) * kTokBK * kTokBN;
+#pragma unroll
+      for (int kk = 0; kk < kTokBK; kk += 16) {
+        if (!live) break;  // warp-uniform
+        uint32_t af[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          ldsm_x4(af[mt], coef_block + (wm * 32 + mt * 16 + lane % 16) * pitch + kw * kTokBK +
+                              kk + (lane / 16) * 8);
+        }
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          uint32_t bf[4];
+          ldsm_x4_trans(bf, tb + swz<16>(kk + lane % 8 + ((lane / 8) % 2) * 8,
+                                         wn * 64 + np * 16 + (lane / 16) * 8));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_16816<T>(acc[mt][np * 2], af[mt], bf[0], bf[1]);
+            mma_16816<T>(acc[mt][np * 2 + 1], af[mt], bf[2], bf[3]);
+          }
+        }
+      }
+      if (kg < k_steps - 1) continue;
+
+      const int db = p.db_begin + step / k_steps;
+      const int c0 = db * kTokBN;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -1034,6 +1048,7 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
             }
           }
     }
+    cp_async_wait<0>();  // only empty groups remain
     __syncthreads();
   }
 }
