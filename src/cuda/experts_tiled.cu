@@ -1125,23 +1125,21 @@ struct ExpertSumParams {
 };
 
 constexpr int kExpThreads = 512;
-constexpr int kExpSlots = 320;                 // 16 warps: 4 (80 slots) x 4 (32 columns)
-constexpr int kExpPitch = kTileTokens + 8;     // padded row of the coefficient block
-constexpr size_t kExpCoefBytes = static_cast<size_t>(kExpSlots) * kExpPitch * 2;
-// A prebuilt block is copied token-major, [128 tokens][320 slots + 8], into the same space.
-constexpr int kExpPrePitch = kExpSlots + 8;
-static_assert(static_cast<size_t>(kTileTokens) * kExpPrePitch * 2 <= kExpCoefBytes,
-              "a prebuilt block fits the coefficient block's space");
-constexpr size_t kExpStageBytes = static_cast<size_t>(kTileTokens) * kExpBN * 2;
+constexpr int kExpSlots = 320;    // 16 warps: 4 (80 slots) x 4 (32 columns)
+constexpr int kExpStep = 64;      // tokens per step (half a tile)
+constexpr int kExpStages = 3;
+// A stage: the step's coefficients token-major, [64 tokens][320 slots + 8] (copied from the
+// prebuilt blocks, else scattered here), then its rows of x or dy, [64 tokens][128 columns].
+constexpr int kExpPitch = kExpSlots + 8;
+constexpr size_t kExpCoefBytes = static_cast<size_t>(kExpStep) * kExpPitch * 2;
+constexpr size_t kExpStageBytes = kExpCoefBytes + static_cast<size_t>(kExpStep) * kExpBN * 2;
 constexpr size_t kExpSmem =
-    kExpCoefBytes + 2 * kExpStageBytes + kExpSlots * (sizeof(int2) + sizeof(uint4));
+    kExpStages * kExpStageBytes + kExpSlots * (sizeof(int2) + sizeof(uint4));
 
 template <typename T, bool kVec, bool kColumnPass>
 __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  T* coef_block = reinterpret_cast<T*>(smem);                      // [320 slots][128 + 8]
-  T* sb = reinterpret_cast<T*>(smem + kExpCoefBytes);               // 2 x [128 tokens][128]
-  int2* slot_range = reinterpret_cast<int2*>(smem + kExpCoefBytes + 2 * kExpStageBytes);
+  int2* slot_range = reinterpret_cast<int2*>(smem + kExpStages * kExpStageBytes);
   uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + kExpSlots);
 
   const Groups& gr = p.gr;
@@ -1155,23 +1153,45 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
   const int slots = gr.slots(g), s0 = sc * kExpSlots;
   if (s0 >= slots) return;
   const int n_slots = min(kExpSlots, slots - s0);
-  const int zero_words = ((n_slots + 15) / 16 * 16) * kExpPitch / 2;
   const int base = __ldg(gr.start + g), n = __ldg(gr.start + g + 1) - base;
-  const int tile0 = __ldg(gr.tile_start + g), tiles = __ldg(gr.tile_start + g + 1) - tile0;
+  const int tile0 = __ldg(gr.tile_start + g);
+  const int steps = (n + kExpStep - 1) / kExpStep;  // two per tile, one for a short last tile
   const int c0 = db * kExpBN;
-  const int ch = tid % 16;
+  auto coef_of = [&](int stage) {
+    return reinterpret_cast<T*>(smem + static_cast<size_t>(stage) * kExpStageBytes);
+  };
+  auto rows_of = [&](int stage) {
+    return reinterpret_cast<T*>(smem + static_cast<size_t>(stage) * kExpStageBytes +
+                                kExpCoefBytes);
+  };
 
-  auto load_stage = [&](int buf, int kt) {
-    T* dst = sb + buf * (kTileTokens * kExpBN);
+  // Step j's rows of x or dy, and its coefficients when its tile's block is prebuilt.
+  auto load_step = [&](int j) {
+    const int stage = j % kExpStages, r0 = j * kExpStep;
+    const int step_rows = min(kExpStep, n - r0);
+    const int tile = tile0 + j / 2;
+    if (tile < p.blocks_cap) {
+      const int rows16 = (step_rows + 15) / 16 * 16;
+      const int slot_chunks16 = (n_slots + 15) / 16 * 2;  // 16-byte chunks of a prebuilt row
+      const T* src = p.blocks + (static_cast<int64_t>(tile) * kTileTokens + (j % 2) * kExpStep) *
+                                    p.window + s0;
+      T* dst = coef_of(stage);
+      for (int i = tid; i < rows16 * slot_chunks16; i += kExpThreads) {
+        const int r = i / slot_chunks16, c = i - r * slot_chunks16;
+        cp_async_16(dst + r * kExpPitch + c * 8, src + static_cast<int64_t>(r) * p.window + c * 8,
+                    16);
+      }
+    }
+    const int ch = tid % 16;
     const int valid = p.hidden - c0 - ch * 8;
+    T* dst = rows_of(stage);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 2; ++i) {
       const int r = tid / 16 + 32 * i;
-      const int idx = kt * kTileTokens + r;
-      const bool ok = idx < n;
+      const bool ok = r < step_rows;
       const T* src = p.rows;
       if (ok) {
-        src = p.rows + static_cast<int64_t>(__ldg(gr.tokens_of + base + idx)) * p.rows_stride +
+        src = p.rows + static_cast<int64_t>(__ldg(gr.tokens_of + base + r0 + r)) * p.rows_stride +
               c0 + ch * 8;
       }
       load_chunk<T, kVec>(dst + swz<16>(r, ch * 8), src, ok ? valid : 0);
@@ -1186,45 +1206,39 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
 #pragma unroll
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
 
-  if (tiles > 0) load_stage(0, 0);
-  cp_async_commit();
-  const int slot_chunks16 = (n_slots + 15) / 16 * 2;  // 16-byte chunks of a prebuilt row
-  for (int kt = 0; kt < tiles; ++kt) {
-    const int buf = kt % 2;
-    const int tile_rows = min(kTileTokens, n - kt * kTileTokens);  // past them: zeros
-    // The tile's block: copied token-major from the prebuilt ones (its group completes with
-    // this tile's stage), else scattered here slot-major.
-    const bool prebuilt = tile0 + kt < p.blocks_cap;  // uniform over the block
-    if (prebuilt) {
-      const int rows16 = min(kTileTokens, (tile_rows + 15) / 16 * 16);
-      const T* src = p.blocks + static_cast<int64_t>(tile0 + kt) * kTileTokens * p.window + s0;
-      for (int i = tid; i < rows16 * slot_chunks16; i += kExpThreads) {
-        const int r = i / slot_chunks16, c = i - r * slot_chunks16;
-        cp_async_16(coef_block + r * kExpPrePitch + c * 8,
-                    src + static_cast<int64_t>(r) * p.window + c * 8, 16);
-      }
-      cp_async_commit();
-    }
-    if (kt + 1 < tiles) load_stage(buf ^ 1, kt + 1);
+#pragma unroll
+  for (int j = 0; j < kExpStages - 1; ++j) {
+    if (j < steps) load_step(j);
     cp_async_commit();
-    if (!prebuilt) {
-      for (int i = tid; i < zero_words; i += kExpThreads) {
-        reinterpret_cast<uint32_t*>(coef_block)[i] = 0u;
+  }
+  for (int j = 0; j < steps; ++j) {
+    cp_async_wait<kExpStages - 2>();
+    __syncthreads();
+    if (j + kExpStages - 1 < steps) load_step(j + kExpStages - 1);
+    cp_async_commit();
+    const int stage = j % kExpStages;
+    const int step_rows = min(kExpStep, n - j * kExpStep);
+    T* coef_block = coef_of(stage);
+    const int tile = tile0 + j / 2;
+    if (tile >= p.blocks_cap) {  // uniform: this step's coefficients are scattered here
+      for (int i = tid; i < kExpStep * kExpPitch / 8; i += kExpThreads) {
+        reinterpret_cast<uint4*>(coef_block)[i] = make_uint4(0u, 0u, 0u, 0u);
       }
-      load_slots(gr, tile0 + kt, s0, n_slots, slots, slot_range, slot_mask);
-      const int q_end = slot_range[n_slots - 1].y;
+      load_slots(gr, tile, s0, n_slots, slots, slot_range, slot_mask);
+      const int q_end = slot_range[n_slots - 1].y, h0 = (j % 2) * kExpStep;
       for (int q = slot_range[0].x + tid; q < q_end; q += kExpThreads) {  // a thread per pair
         const int s = slot_of_pair(slot_range, n_slots, q);
-        coef_block[s * kExpPitch + row_of_pair(slot_mask[s], q - slot_range[s].x)] =
-            store_float<T>(__ldg(p.coef + q));
+        const int r = row_of_pair(slot_mask[s], q - slot_range[s].x) - h0;
+        if (r >= 0 && r < kExpStep) {
+          coef_block[r * kExpPitch + s] = store_float<T>(__ldg(p.coef + q));
+        }
       }
+      __syncthreads();
     }
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* tb = sb + buf * (kTileTokens * kExpBN);
+    const T* tb = rows_of(stage);
 #pragma unroll 2
-    for (int kk = 0; kk < kTileTokens; kk += 16) {
-      if (kk >= tile_rows) break;  // uniform over the block
+    for (int kk = 0; kk < kExpStep; kk += 16) {
+      if (kk >= step_rows) break;  // uniform over the block
       uint32_t bf[2][4];
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
@@ -1234,14 +1248,10 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
 #pragma unroll
       for (int mt = 0; mt < 5; ++mt) {
         if (wm * 80 + mt * 16 >= n_slots) break;  // uniform over the warp
+        // [tokens][slots]: the transposed load gives the slot-major fragment.
         uint32_t af[4];
-        if (prebuilt) {  // [tokens][slots]: the transposed load gives the slot-major fragment
-          ldsm_x4_trans(af, coef_block + (kk + lane % 8 + (lane / 16) * 8) * kExpPrePitch +
-                                wm * 80 + mt * 16 + ((lane / 8) % 2) * 8);
-        } else {
-          ldsm_x4(af, coef_block + (wm * 80 + mt * 16 + lane % 16) * kExpPitch + kk +
-                          (lane / 16) * 8);
-        }
+        ldsm_x4_trans(af, coef_block + (kk + lane % 8 + (lane / 16) * 8) * kExpPitch + wm * 80 +
+                              mt * 16 + ((lane / 8) % 2) * 8);
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
           mma_16816<T>(acc[mt][np * 2], af, bf[np][0], bf[np][1]);
@@ -1249,7 +1259,6 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
         }
       }
     }
-    __syncthreads();
   }
   cp_async_wait<0>();
 

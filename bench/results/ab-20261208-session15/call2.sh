@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # session 15, call 2: dev = 160-slot dot tiles + the backward's g.h blocks over da's (one set) +
-# token sums with 3 stages whose loads run across column blocks; variant "nested" = the same with
-# the token sums' 3 stages restarting per column block (omnimoe only); base = session 14's final
+# token sums with 3 stages whose loads run across column blocks + expert sums in 3 stages of 64
+# tokens (coefficients and rows); variant "nested" = 160-slot dot, one g.h set, with
+# the token sums in 3 stages restarting per column block (omnimoe only); base = session 14's final
 # build (462a531, omnimoe only). Determinism x20 on dev; change_check (dev suite, sanitizers on
 # the tiled tests, A/B of the three builds at k512-t4k/t16k with the dot width by default (160)
 # and 64, all eight benches by dev); stage timings of the three builds; ncu of dev's products.
