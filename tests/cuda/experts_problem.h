@@ -7,6 +7,7 @@
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
@@ -168,6 +169,16 @@ struct ExpertsProblem {
     for (MirroredTensor* t : {&preact, &dup, &ddown, &dgates}) t->poison();
   }
 
+  // The six outputs of a device forward then backward under `e` (outputs poisoned first),
+  // fetched after the stream finishes: runs to compare bitwise.
+  std::array<HostTensor, 6> run_device(const Exec& e) {
+    reset_outputs(false, 0);
+    forward(false, e);
+    backward(false, e);
+    OMNIMOE_TEST_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(e.stream)));
+    return {y.fetch(), preact.fetch(), dx.fetch(), dup.fetch(), ddown.fetch(), dgates.fetch()};
+  }
+
   // Backward reads the CPU's preact on both sides, so both start from the same saved state.
   void share_cpu_preact() {
     preact.device.copy_from(preact.host);
@@ -201,5 +212,12 @@ struct ExpertsProblem {
     }
   }
 };
+
+// Two runs of ExpertsProblem::run_device, output by output.
+inline void expect_runs_bitwise_equal(const std::array<HostTensor, 6>& a,
+                                      const std::array<HostTensor, 6>& b) {
+  const char* names[6] = {"y", "preact", "dx", "grads.up", "grads.down", "dgates"};
+  for (int i = 0; i < 6; ++i) expect_bitwise_equal(a[i], b[i], names[i]);
+}
 
 }  // namespace omnimoe::test

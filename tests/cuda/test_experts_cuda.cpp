@@ -230,19 +230,8 @@ TEST_P(ExpertsCudaDeterminism, TwoRunsBitwiseIdentical) {
   SKIP_IF_PATH_UNSUPPORTED(P.cfg, P.T, P.dtype);
   CudaStream s;
   const Exec e = cuda_exec(s.get());
-  HostTensor out[2][6];
-  for (int run = 0; run < 2; ++run) {
-    P.reset_outputs(false, 1);
-    P.forward(false, e);
-    P.backward(false, e);
-    s.synchronize();
-    int i = 0;
-    for (MirroredTensor* t : {&P.y, &P.preact, &P.dx, &P.dup, &P.ddown, &P.dgates}) {
-      out[run][i++] = t->fetch();
-    }
-  }
-  const char* names[6] = {"y", "preact", "dx", "grads.up", "grads.down", "dgates"};
-  for (int i = 0; i < 6; ++i) expect_bitwise_equal(out[0][i], out[1][i], names[i]);
+  const std::array<HostTensor, 6> first = P.run_device(e);
+  expect_runs_bitwise_equal(first, P.run_device(e));
 }
 
 INSTANTIATE_TEST_SUITE_P(

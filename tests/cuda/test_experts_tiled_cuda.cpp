@@ -7,6 +7,7 @@
 #include <omnimoe/omnimoe.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -219,19 +220,8 @@ TEST(ExpertsTiledCudaDeterminism, bf16_T1024_d256_Nr32_Nc32_K128_TwoRunsBitwiseI
   ExpertsProblem P = problem_of(c, 31);
   CudaStream s;
   const Exec e = cuda_exec_mode(s.get(), true);
-  HostTensor out[2][6];
-  for (int run = 0; run < 2; ++run) {
-    P.reset_outputs(false, 1);
-    P.forward(false, e);
-    P.backward(false, e);
-    s.synchronize();
-    int i = 0;
-    for (MirroredTensor* t : {&P.y, &P.preact, &P.dx, &P.dup, &P.ddown, &P.dgates}) {
-      out[run][i++] = t->fetch();
-    }
-  }
-  const char* names[6] = {"y", "preact", "dx", "grads.up", "grads.down", "dgates"};
-  for (int i = 0; i < 6; ++i) expect_bitwise_equal(out[0][i], out[1][i], names[i]);
+  const std::array<HostTensor, 6> first = P.run_device(e);
+  expect_runs_bitwise_equal(first, P.run_device(e));
 }
 
 // The token sums' two levels: partial rows per (token, group) summed in rank order, the groups
@@ -274,20 +264,14 @@ TEST_P(ExpertsTiledCudaPasses, ColumnPassesBitwiseEqualOnePass) {
                                {"OMNIMOE_TILED_PASS_COLUMNS", "128"},
                                {"OMNIMOE_TILED_COEF_BLOCKS", "0"},
                                {"OMNIMOE_TILED_COEF_BLOCKS", "3"}};
-  HostTensor out[4][4];
+  std::array<HostTensor, 6> out[4];
   for (int run = 0; run < 4; ++run) {
     ScopedEnv env(settings[run].var, settings[run].value);
-    P.reset_outputs(false, 8 + run);
-    P.forward(false, e);
-    P.backward(false, e);
-    s.synchronize();
-    int i = 0;
-    for (MirroredTensor* t : {&P.y, &P.dx, &P.dup, &P.ddown}) out[run][i++] = t->fetch();
+    out[run] = P.run_device(e);
   }
-  const char* names[4] = {"y", "dx", "grads.up", "grads.down"};
   for (int run = 1; run < 4; ++run) {
     SCOPED_TRACE(std::string(settings[run].var) + "=" + settings[run].value);
-    for (int i = 0; i < 4; ++i) expect_bitwise_equal(out[0][i], out[run][i], names[i]);
+    expect_runs_bitwise_equal(out[0], out[run]);
   }
 }
 
@@ -339,20 +323,12 @@ TEST_P(ExpertsTiledCudaDotSlots, WidthsBitwiseEqualAndMatchCpu) {
   CudaStream s;
   const Exec e = cuda_exec_mode(s.get(), true);
   const char* widths[2] = {"64", "160"};
-  HostTensor out[2][6];
+  std::array<HostTensor, 6> out[2];
   for (int run = 0; run < 2; ++run) {
     ScopedEnv env("OMNIMOE_TILED_DOT_SLOTS", widths[run]);
-    P.reset_outputs(false, 20 + run);
-    P.forward(false, e);
-    P.backward(false, e);
-    s.synchronize();
-    int i = 0;
-    for (MirroredTensor* t : {&P.y, &P.preact, &P.dx, &P.dup, &P.ddown, &P.dgates}) {
-      out[run][i++] = t->fetch();
-    }
+    out[run] = P.run_device(e);
   }
-  const char* names[6] = {"y", "preact", "dx", "grads.up", "grads.down", "dgates"};
-  for (int i = 0; i < 6; ++i) expect_bitwise_equal(out[0][i], out[1][i], names[i]);
+  expect_runs_bitwise_equal(out[0], out[1]);
 
   ScopedEnv env("OMNIMOE_TILED_DOT_SLOTS", "160");
   P.reset_outputs(false, 22);
