@@ -24,4 +24,11 @@ for c in paper-k512-t4k paper-k512-t16k; do
     echo "stages $c $b rc $?"; grep experts_tiled $OUT/s15/stages_${c}_$b.txt | tail -2 | cut -c1-220
   done
 done
+for cols in 512 1024; do  # 2 passes and 1 pass of the token sums at t16k (default 3)
+  OMNIMOE_TILED_PASS_COLUMNS=$cols OMNIMOE_TILED_TIMING=1 timeout 40 build-dev/omnimoe bench \
+    --device cuda --config paper-k512-t16k --warmup 1 --iters 2 --skip-baselines --skip-ceilings \
+    > $OUT/s15/pass$cols.txt 2> $OUT/s15/stages_pass$cols.txt
+  echo "pass columns $cols rc $?"; grep experts_tiled $OUT/s15/stages_pass$cols.txt | tail -2 | cut -c1-220
+  grep -E "^  layer forward" $OUT/s15/pass$cols.txt | cut -c1-100
+done
 OUT=$OUT/s15 PROF_BIN=build-dev/omnimoe PROF_TIMEOUT=120 PROF_LAUNCHES=10 bash scripts/device/prof_tiled.sh
