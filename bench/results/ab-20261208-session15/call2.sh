@@ -5,7 +5,7 @@
 # the token sums in 3 stages restarting per column block (omnimoe only); base = session 14's final
 # build (462a531, omnimoe only). Determinism x20 on dev; change_check (dev suite, sanitizers on
 # the tiled tests, A/B of the three builds at k512-t4k/t16k with the dot width by default (160)
-# and 64, all eight benches by dev); stage timings of the three builds; ncu of dev's products.
+# and 64, all eight benches by dev); stage timings of the three builds; ncu of dev's products (PROFILE_TILED=1).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
 mkdir -p build-dev $OUT/s15
@@ -31,4 +31,4 @@ for cols in 512 1024; do  # 2 passes and 1 pass of the token sums at t16k (defau
   echo "pass columns $cols rc $?"; grep experts_tiled $OUT/s15/stages_pass$cols.txt | tail -2 | cut -c1-220
   grep -E "^  layer forward" $OUT/s15/pass$cols.txt | cut -c1-100
 done
-OUT=$OUT/s15 PROF_BIN=build-dev/omnimoe PROF_TIMEOUT=120 PROF_LAUNCHES=10 bash scripts/device/prof_tiled.sh
+[ "${PROFILE_TILED:-0}" = 1 ] && OUT=$OUT/s15 PROF_BIN=build-dev/omnimoe PROF_TIMEOUT=120 PROF_LAUNCHES=10 bash scripts/device/prof_tiled.sh
