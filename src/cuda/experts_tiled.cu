@@ -40,10 +40,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kTileTokens = 128;  // tokens per tile of a group (dot products and token sums)
 
-// Dot products: [128 tokens x 64 or 160 slots] over d in steps of 64, 3 stages.
-constexpr int kDotBM = kTileTokens, kDotBK = 64, kDotStages = 3;
+// Dot products: [128 tokens x 64 slots] over d in steps of 64, 3 stages.
+constexpr int kDotBM = kTileTokens, kDotBN = 64, kDotBK = 64, kDotStages = 3;
 // Token sums: [128 tokens x 128 columns of d] over slots in steps of 32, 3 stages (two blocks
-// fit an SM at 320 slots: the slot ranges and masks share the stages' space).
+// fit an SM at 320 slots: the slot ranges and masks of an in-place build share the stages'
+// space).
 constexpr int kTokBM = kTileTokens, kTokBN = 128, kTokBK = 32, kTokStages = 3;
 constexpr int kTokMaxWindow = 512;  // slots of the coefficient block held in shared memory
 // Expert sums: [up to 320 slots x 128 columns of d] over the group's tokens, 128 at a time.
@@ -574,10 +575,7 @@ __device__ __forceinline__ int fixed_point_shift(unsigned coef_amax, unsigned ta
 }
 
 // ------------------------------------------------------------------------------------------
-// Dot products over tiles of [128 tokens x kBN slots] of a group. kBN = 160 halves the L2 reads
-// per product against 64 (the token rows are read once per 160 slots instead of per 64) and
-// gives each warp 20 products per 7 shared-memory fragment loads instead of 8 per 4; 64 wastes
-// less on narrow grids (dot_slot_width).
+// Dot products over tiles of [128 tokens x 64 slots] of a group.
 template <typename T>
 struct DotParams {
   Groups gr;
@@ -586,8 +584,7 @@ struct DotParams {
   const T* b;  // rows of experts: W (forward) or V (backward)
   int64_t b_stride;
   int hidden;
-  int slot_width;   // kBN: 64 or 160
-  int slot_chunks;  // ceil(max(Nr, Nc) / slot_width)
+  int slot_chunks;  // ceil(max(Nr, Nc) / kDotBN)
   Activation act;
   float* preact;  // [T, K]: written in forward
   int64_t preact_stride;
@@ -599,40 +596,32 @@ struct DotParams {
   unsigned* token_amax;  // [T] max |coef| per token (fixed-point scale of the token sums)
 };
 
-constexpr int dot_pitch(int bn) { return bn + 4; }  // fp32 epilogue tile row
-constexpr size_t dot_smem(int bn) {
-  return static_cast<size_t>(kDotStages) * (kDotBM + bn) * kDotBK * 2;  // 2-byte elements
-}
-static_assert(static_cast<size_t>(kDotBM) * dot_pitch(64) * 4 <= dot_smem(64) &&
-                  static_cast<size_t>(kDotBM) * dot_pitch(160) * 4 <= dot_smem(160),
-              "epilogue tile fits");
+constexpr int kDotPitch = kDotBN + 4;  // fp32 epilogue tile row
+constexpr size_t kDotSmem =
+    static_cast<size_t>(kDotStages) * (kDotBM + kDotBN) * kDotBK * 2;  // 2-byte elements
+static_assert(static_cast<size_t>(kDotBM) * kDotPitch * 4 <= kDotSmem, "epilogue tile fits");
 
-template <typename T, bool kBackward, bool kVec, int kBN>
+template <typename T, bool kBackward, bool kVec>
 __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
-  static_assert(kBN % 32 == 0, "two warp columns of 16-slot fragments");
-  constexpr int kWarpN = kBN / 2;      // slots per warp
-  constexpr int kNT = kWarpN / 8;      // mma n-tiles per warp
-  constexpr int kBLoads = kBN / 32;    // 16-byte chunks of the expert tile per thread per stage
-  constexpr int kPitch = dot_pitch(kBN);
   extern __shared__ __align__(128) unsigned char smem[];
   T* sa = reinterpret_cast<T*>(smem);
   T* sb = sa + kDotStages * kDotBM * kDotBK;
   float* tile_out = reinterpret_cast<float*>(smem);
   __shared__ int tile_tokens[kDotBM];
   __shared__ unsigned row_amax[kDotBM];
-  __shared__ int2 slot_range[kBN];
-  __shared__ uint4 slot_mask[kBN];
+  __shared__ int2 slot_range[kDotBN];
+  __shared__ uint4 slot_mask[kDotBN];
 
   const Groups& gr = p.gr;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2;  // 4 x 2 warps of 32 tokens x kWarpN slots
+  const int wm = warp / 2, wn = warp % 2;  // 4 x 2 warps of 32 x 32
   const int items = __ldg(gr.tile_start + gr.count) * p.slot_chunks;
   const int k_tiles = (p.hidden + kDotBK - 1) / kDotBK;
 
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
     const int tile = item / p.slot_chunks, chunk = item - tile * p.slot_chunks;
     const int g = gr.group_of_tile(tile);
-    const int slots = gr.slots(g), s0 = chunk * kBN;
+    const int slots = gr.slots(g), s0 = chunk * kDotBN;
     if (s0 >= slots) continue;  // uniform over the block
     const int base = __ldg(gr.start + g), n = __ldg(gr.start + g + 1) - base;
     const int r0 = (tile - __ldg(gr.tile_start + g)) * kDotBM;
@@ -645,10 +634,10 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
     }
     __syncthreads();
 
-    // Each thread copies 4 chunks of the token tile and kBLoads of the expert tile per stage.
+    // Each thread copies 4 chunks of the token tile and 2 of the expert tile per stage.
     const T* a_src[4];
-    const T* b_src[kBLoads];
-    int a_row[4], b_row[kBLoads];
+    const T* b_src[2];
+    int a_row[4], b_row[2];
     const int ch = tid % 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -657,7 +646,7 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
       a_src[i] = t >= 0 ? p.a + static_cast<int64_t>(t) * p.a_stride + ch * 8 : nullptr;
     }
 #pragma unroll
-    for (int i = 0; i < kBLoads; ++i) {
+    for (int i = 0; i < 2; ++i) {
       b_row[i] = tid / 8 + 32 * i;
       const int s = s0 + b_row[i];
       b_src[i] = s < slots ? p.b + static_cast<int64_t>(gr.expert(g, s)) * p.b_stride + ch * 8
@@ -665,7 +654,7 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
     }
     auto load_stage = [&](int stage, int k0) {
       T* da = sa + stage * kDotBM * kDotBK;
-      T* db = sb + stage * kBN * kDotBK;
+      T* db = sb + stage * kDotBN * kDotBK;
       const int valid = p.hidden - k0 - ch * 8;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -673,17 +662,17 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
                             a_src[i] ? valid : 0);
       }
 #pragma unroll
-      for (int i = 0; i < kBLoads; ++i) {
+      for (int i = 0; i < 2; ++i) {
         load_chunk<T, kVec>(db + swz<8>(b_row[i], ch * 8), b_src[i] ? b_src[i] + k0 : p.b,
                             b_src[i] ? valid : 0);
       }
     };
 
-    float acc[2][kNT][4];
+    float acc[2][4][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < kNT; ++j)
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
 
@@ -699,25 +688,25 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
       if (next < k_tiles) load_stage(next % kDotStages, next * kDotBK);
       cp_async_commit();
       const T* ta = sa + (kt % kDotStages) * kDotBM * kDotBK;
-      const T* tb = sb + (kt % kDotStages) * kBN * kDotBK;
+      const T* tb = sb + (kt % kDotStages) * kDotBN * kDotBK;
 #pragma unroll
       for (int kk = 0; kk < kDotBK; kk += 16) {
         if (live == 0) break;  // warp-uniform
-        uint32_t af[2][4], bf[kNT / 2][4];
+        uint32_t af[2][4], bf[2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           if (mt >= live) continue;
           ldsm_x4(af[mt], ta + swz<8>(wm * 32 + mt * 16 + lane % 16, kk + (lane / 16) * 8));
         }
 #pragma unroll
-        for (int np = 0; np < kNT / 2; ++np) {
-          ldsm_x4(bf[np], tb + swz<8>(wn * kWarpN + np * 16 + lane % 8 + (lane / 16) * 8,
+        for (int np = 0; np < 2; ++np) {
+          ldsm_x4(bf[np], tb + swz<8>(wn * 32 + np * 16 + lane % 8 + (lane / 16) * 8,
                                       kk + ((lane / 8) % 2) * 8));
         }
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
+          for (int nt = 0; nt < 4; ++nt)
             if (mt < live) {
               mma_16816<T>(acc[mt][nt], af[mt], bf[nt / 2][(nt % 2) * 2],
                            bf[nt / 2][(nt % 2) * 2 + 1]);
@@ -731,22 +720,22 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(DotParams<T> p) {
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
+      for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
           const int r = wm * 32 + mt * 16 + lane / 4 + (v >= 2 ? 8 : 0);
-          const int c = wn * kWarpN + nt * 8 + (lane % 4) * 2 + (v & 1);
-          tile_out[r * kPitch + c] = acc[mt][nt][v];
+          const int c = wn * 32 + nt * 8 + (lane % 4) * 2 + (v & 1);
+          tile_out[r * kDotPitch + c] = acc[mt][nt][v];
         }
     // The tile's pairs, a thread per pair (independent loads, many in flight).
-    const int n_slots = min(kBN, slots - s0);
+    const int n_slots = min(kDotBN, slots - s0);
     load_slots(gr, tile, s0, n_slots, slots, slot_range, slot_mask);
     {
       const int q_end = slot_range[n_slots - 1].y;
       for (int q = slot_range[0].x + tid; q < q_end; q += kThreads) {
         const int s = slot_of_pair(slot_range, n_slots, q);
         const int r = row_of_pair(slot_mask[s], q - slot_range[s].x);
-        const float val = tile_out[r * kPitch + s];
+        const float val = tile_out[r * kDotPitch + s];
         const int4 rec = __ldg(gr.records + q);
         const int64_t t = tile_tokens[r];
         const int k = rec.x;
@@ -857,8 +846,8 @@ struct TokenSumParams {
   int blocks_cap;        // 0: every tile builds its block in place
 };
 
-// The coefficient block, then the stages of expert rows; the slot ranges and masks of an
-// in-place build use the stages' space (no stage is in flight during a build).
+// The coefficient block, then the stages of expert rows; an in-place build's slot ranges and
+// masks use the stages' space (a build runs only while no stage is in flight).
 template <typename T>
 size_t token_sum_smem(int window) {
   return static_cast<size_t>(kTokBM) * (window + 8) * sizeof(T) +
@@ -872,8 +861,8 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
   const int pitch = p.window + 8;
   T* coef_block = reinterpret_cast<T*>(smem);  // [128 tokens][window + 8]
   T* sb = coef_block + kTokBM * pitch;         // stages of [32 slots][128 columns]
-  int2* slot_range = reinterpret_cast<int2*>(sb);                   // [window], builds only
-  uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + p.window);  // [window]
+  int2* slot_range = reinterpret_cast<int2*>(sb);  // [window], in-place builds only
+  uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + p.window);            // [window]
   __shared__ int tile_tokens[kTokBM];
   __shared__ int tile_rank[kTokBM];
   __shared__ double tile_scale[kTokBM];
@@ -924,86 +913,74 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
                         coef_block, slot_range, slot_mask);
     };
 
-    // The steps: per column block db, the slots 32 at a time (a window is window / 32 steps).
-    // The stages' loads run ahead across column blocks when the tile has one window (its block
-    // stays); with several, a window's block is built after the last window's steps, so the
-    // loads stop at each window's end.
-    const int k_steps = (slots + kTokBK - 1) / kTokBK;  // per column block
-    const int total = (p.db_end - p.db_begin) * k_steps;
-    const int win_steps = p.window / kTokBK;
     const int ch = tid % 16;  // each thread copies 2 chunks of [32 slots][128 columns]
-    int loads = 0, load_end = 0;
-    // Loads step `loads` into its stage if it is below load_end; commits a group either way
-    // (one per step keeps the wait counts aligned).
-    auto load_next = [&]() {
-      if (loads < (windows == 1 ? total : load_end)) {
-        const int c0 = (p.db_begin + loads / k_steps) * kTokBN;
-        const int s0 = (loads % k_steps) * kTokBK;
-        const int w_end = min((s0 / p.window + 1) * p.window, slots);
-        T* dst = sb + (loads % kTokStages) * kTokBK * kTokBN;
-        const int valid = p.hidden - c0 - ch * 8;
+    for (int db = p.db_begin; db < p.db_end; ++db) {
+      const int c0 = db * kTokBN;
+      float acc[2][8][4];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int r = tid / 16 + 16 * i;
-          const bool ok = s0 + r < w_end;
-          const T* src = ok ? p.table +
-                                  static_cast<int64_t>(gr.expert(g, s0 + r)) * p.table_stride +
-                                  c0 + ch * 8
-                            : p.table;
-          load_chunk<T, kVec>(dst + swz<16>(r, ch * 8), src, ok ? valid : 0);
-        }
-        ++loads;
-      }
-      cp_async_commit();
-    };
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
 
-    float acc[2][8][4];
-    for (int step = 0; step < total; ++step) {
-      const int kg = step % k_steps, kw = kg % win_steps;  // in the column block; the window
-      if (kw == 0 && (windows > 1 || step == 0)) {
-        if (step > 0) __syncthreads();  // the last window's steps are done with the block
-        build_window(kg * kTokBK);
-        load_end = step + min(win_steps, k_steps - kg);
+      for (int w = 0; w < windows; ++w) {
+        const int w0 = w * p.window;
+        if (windows > 1 || db == p.db_begin) build_window(w0);
+        const int w_slots = min(p.window, slots - w0);
+        const int k_tiles = (w_slots + kTokBK - 1) / kTokBK;
+        auto load_stage = [&](int stage, int kt) {
+          T* dst = sb + stage * kTokBK * kTokBN;
+          const int valid = p.hidden - c0 - ch * 8;
 #pragma unroll
-        for (int i = 0; i < kTokStages - 1; ++i) load_next();
-      }
-      if (kg == 0) {
+          for (int i = 0; i < 2; ++i) {
+            const int r = tid / 16 + 16 * i;
+            const int s = w0 + kt * kTokBK + r;
+            const bool ok = s < w0 + w_slots;
+            const T* src = ok ? p.table + static_cast<int64_t>(gr.expert(g, s)) * p.table_stride +
+                                    c0 + ch * 8
+                              : p.table;
+            load_chunk<T, kVec>(dst + swz<16>(r, ch * 8), src, ok ? valid : 0);
+          }
+        };
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
-      }
-      cp_async_wait<kTokStages - 2>();
-      __syncthreads();
-      load_next();
-      const T* tb = sb + (step % kTokStages) * kTokBK * kTokBN;
-#pragma unroll
-      for (int kk = 0; kk < kTokBK; kk += 16) {
-        if (!live) break;  // warp-uniform
-        uint32_t af[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          ldsm_x4(af[mt], coef_block + (wm * 32 + mt * 16 + lane % 16) * pitch + kw * kTokBK +
-                              kk + (lane / 16) * 8);
+        for (int s = 0; s < kTokStages - 1; ++s) {
+          if (s < k_tiles) load_stage(s, s);
+          cp_async_commit();
         }
+        for (int kt = 0; kt < k_tiles; ++kt) {
+          cp_async_wait<kTokStages - 2>();
+          __syncthreads();
+          const int next = kt + kTokStages - 1;
+          if (next < k_tiles) load_stage(next % kTokStages, next);
+          cp_async_commit();
+          const T* tb = sb + (kt % kTokStages) * kTokBK * kTokBN;
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t bf[4];
-          ldsm_x4_trans(bf, tb + swz<16>(kk + lane % 8 + ((lane / 8) % 2) * 8,
-                                         wn * 64 + np * 16 + (lane / 16) * 8));
+          for (int kk = 0; kk < kTokBK; kk += 16) {
+            if (!live) break;  // warp-uniform
+            uint32_t af[2][4];
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma_16816<T>(acc[mt][np * 2], af[mt], bf[0], bf[1]);
-            mma_16816<T>(acc[mt][np * 2 + 1], af[mt], bf[2], bf[3]);
+            for (int mt = 0; mt < 2; ++mt) {
+              ldsm_x4(af[mt], coef_block + (wm * 32 + mt * 16 + lane % 16) * pitch +
+                                  kt * kTokBK + kk + (lane / 16) * 8);
+            }
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+              uint32_t bf[4];
+              ldsm_x4_trans(bf, tb + swz<16>(kk + lane % 8 + ((lane / 8) % 2) * 8,
+                                             wn * 64 + np * 16 + (lane / 16) * 8));
+#pragma unroll
+              for (int mt = 0; mt < 2; ++mt) {
+                mma_16816<T>(acc[mt][np * 2], af[mt], bf[0], bf[1]);
+                mma_16816<T>(acc[mt][np * 2 + 1], af[mt], bf[2], bf[3]);
+              }
+            }
           }
         }
+        cp_async_wait<0>();
+        __syncthreads();
       }
-      if (kg < k_steps - 1) continue;
 
-      const int db = p.db_begin + step / k_steps;
-      const int c0 = db * kTokBN;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -1048,7 +1025,6 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
             }
           }
     }
-    cp_async_wait<0>();  // only empty groups remain
     __syncthreads();
   }
 }
@@ -1125,21 +1101,23 @@ struct ExpertSumParams {
 };
 
 constexpr int kExpThreads = 512;
-constexpr int kExpSlots = 320;    // 16 warps: 4 (80 slots) x 4 (32 columns)
-constexpr int kExpStep = 64;      // tokens per step (half a tile)
-constexpr int kExpStages = 3;
-// A stage: the step's coefficients token-major, [64 tokens][320 slots + 8] (copied from the
-// prebuilt blocks, else scattered here), then its rows of x or dy, [64 tokens][128 columns].
-constexpr int kExpPitch = kExpSlots + 8;
-constexpr size_t kExpCoefBytes = static_cast<size_t>(kExpStep) * kExpPitch * 2;
-constexpr size_t kExpStageBytes = kExpCoefBytes + static_cast<size_t>(kExpStep) * kExpBN * 2;
+constexpr int kExpSlots = 320;                 // 16 warps: 4 (80 slots) x 4 (32 columns)
+constexpr int kExpPitch = kTileTokens + 8;     // padded row of the coefficient block
+constexpr size_t kExpCoefBytes = static_cast<size_t>(kExpSlots) * kExpPitch * 2;
+// A prebuilt block is copied token-major, [128 tokens][320 slots + 8], into the same space.
+constexpr int kExpPrePitch = kExpSlots + 8;
+static_assert(static_cast<size_t>(kTileTokens) * kExpPrePitch * 2 <= kExpCoefBytes,
+              "a prebuilt block fits the coefficient block's space");
+constexpr size_t kExpStageBytes = static_cast<size_t>(kTileTokens) * kExpBN * 2;
 constexpr size_t kExpSmem =
-    kExpStages * kExpStageBytes + kExpSlots * (sizeof(int2) + sizeof(uint4));
+    kExpCoefBytes + 2 * kExpStageBytes + kExpSlots * (sizeof(int2) + sizeof(uint4));
 
 template <typename T, bool kVec, bool kColumnPass>
 __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  int2* slot_range = reinterpret_cast<int2*>(smem + kExpStages * kExpStageBytes);
+  T* coef_block = reinterpret_cast<T*>(smem);                      // [320 slots][128 + 8]
+  T* sb = reinterpret_cast<T*>(smem + kExpCoefBytes);               // 2 x [128 tokens][128]
+  int2* slot_range = reinterpret_cast<int2*>(smem + kExpCoefBytes + 2 * kExpStageBytes);
   uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + kExpSlots);
 
   const Groups& gr = p.gr;
@@ -1153,45 +1131,23 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
   const int slots = gr.slots(g), s0 = sc * kExpSlots;
   if (s0 >= slots) return;
   const int n_slots = min(kExpSlots, slots - s0);
+  const int zero_words = ((n_slots + 15) / 16 * 16) * kExpPitch / 2;
   const int base = __ldg(gr.start + g), n = __ldg(gr.start + g + 1) - base;
-  const int tile0 = __ldg(gr.tile_start + g);
-  const int steps = (n + kExpStep - 1) / kExpStep;  // two per tile, one for a short last tile
+  const int tile0 = __ldg(gr.tile_start + g), tiles = __ldg(gr.tile_start + g + 1) - tile0;
   const int c0 = db * kExpBN;
-  auto coef_of = [&](int stage) {
-    return reinterpret_cast<T*>(smem + static_cast<size_t>(stage) * kExpStageBytes);
-  };
-  auto rows_of = [&](int stage) {
-    return reinterpret_cast<T*>(smem + static_cast<size_t>(stage) * kExpStageBytes +
-                                kExpCoefBytes);
-  };
+  const int ch = tid % 16;
 
-  // Step j's rows of x or dy, and its coefficients when its tile's block is prebuilt.
-  auto load_step = [&](int j) {
-    const int stage = j % kExpStages, r0 = j * kExpStep;
-    const int step_rows = min(kExpStep, n - r0);
-    const int tile = tile0 + j / 2;
-    if (tile < p.blocks_cap) {
-      const int rows16 = (step_rows + 15) / 16 * 16;
-      const int slot_chunks16 = (n_slots + 15) / 16 * 2;  // 16-byte chunks of a prebuilt row
-      const T* src = p.blocks + (static_cast<int64_t>(tile) * kTileTokens + (j % 2) * kExpStep) *
-                                    p.window + s0;
-      T* dst = coef_of(stage);
-      for (int i = tid; i < rows16 * slot_chunks16; i += kExpThreads) {
-        const int r = i / slot_chunks16, c = i - r * slot_chunks16;
-        cp_async_16(dst + r * kExpPitch + c * 8, src + static_cast<int64_t>(r) * p.window + c * 8,
-                    16);
-      }
-    }
-    const int ch = tid % 16;
+  auto load_stage = [&](int buf, int kt) {
+    T* dst = sb + buf * (kTileTokens * kExpBN);
     const int valid = p.hidden - c0 - ch * 8;
-    T* dst = rows_of(stage);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < 4; ++i) {
       const int r = tid / 16 + 32 * i;
-      const bool ok = r < step_rows;
+      const int idx = kt * kTileTokens + r;
+      const bool ok = idx < n;
       const T* src = p.rows;
       if (ok) {
-        src = p.rows + static_cast<int64_t>(__ldg(gr.tokens_of + base + r0 + r)) * p.rows_stride +
+        src = p.rows + static_cast<int64_t>(__ldg(gr.tokens_of + base + idx)) * p.rows_stride +
               c0 + ch * 8;
       }
       load_chunk<T, kVec>(dst + swz<16>(r, ch * 8), src, ok ? valid : 0);
@@ -1206,39 +1162,45 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
 #pragma unroll
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
 
-#pragma unroll
-  for (int j = 0; j < kExpStages - 1; ++j) {
-    if (j < steps) load_step(j);
-    cp_async_commit();
-  }
-  for (int j = 0; j < steps; ++j) {
-    cp_async_wait<kExpStages - 2>();
-    __syncthreads();
-    if (j + kExpStages - 1 < steps) load_step(j + kExpStages - 1);
-    cp_async_commit();
-    const int stage = j % kExpStages;
-    const int step_rows = min(kExpStep, n - j * kExpStep);
-    T* coef_block = coef_of(stage);
-    const int tile = tile0 + j / 2;
-    if (tile >= p.blocks_cap) {  // uniform: this step's coefficients are scattered here
-      for (int i = tid; i < kExpStep * kExpPitch / 8; i += kExpThreads) {
-        reinterpret_cast<uint4*>(coef_block)[i] = make_uint4(0u, 0u, 0u, 0u);
+  if (tiles > 0) load_stage(0, 0);
+  cp_async_commit();
+  const int slot_chunks16 = (n_slots + 15) / 16 * 2;  // 16-byte chunks of a prebuilt row
+  for (int kt = 0; kt < tiles; ++kt) {
+    const int buf = kt % 2;
+    const int tile_rows = min(kTileTokens, n - kt * kTileTokens);  // past them: zeros
+    // The tile's block: copied token-major from the prebuilt ones (its group completes with
+    // this tile's stage), else scattered here slot-major.
+    const bool prebuilt = tile0 + kt < p.blocks_cap;  // uniform over the block
+    if (prebuilt) {
+      const int rows16 = min(kTileTokens, (tile_rows + 15) / 16 * 16);
+      const T* src = p.blocks + static_cast<int64_t>(tile0 + kt) * kTileTokens * p.window + s0;
+      for (int i = tid; i < rows16 * slot_chunks16; i += kExpThreads) {
+        const int r = i / slot_chunks16, c = i - r * slot_chunks16;
+        cp_async_16(coef_block + r * kExpPrePitch + c * 8,
+                    src + static_cast<int64_t>(r) * p.window + c * 8, 16);
       }
-      load_slots(gr, tile, s0, n_slots, slots, slot_range, slot_mask);
-      const int q_end = slot_range[n_slots - 1].y, h0 = (j % 2) * kExpStep;
+      cp_async_commit();
+    }
+    if (kt + 1 < tiles) load_stage(buf ^ 1, kt + 1);
+    cp_async_commit();
+    if (!prebuilt) {
+      for (int i = tid; i < zero_words; i += kExpThreads) {
+        reinterpret_cast<uint32_t*>(coef_block)[i] = 0u;
+      }
+      load_slots(gr, tile0 + kt, s0, n_slots, slots, slot_range, slot_mask);
+      const int q_end = slot_range[n_slots - 1].y;
       for (int q = slot_range[0].x + tid; q < q_end; q += kExpThreads) {  // a thread per pair
         const int s = slot_of_pair(slot_range, n_slots, q);
-        const int r = row_of_pair(slot_mask[s], q - slot_range[s].x) - h0;
-        if (r >= 0 && r < kExpStep) {
-          coef_block[r * kExpPitch + s] = store_float<T>(__ldg(p.coef + q));
-        }
+        coef_block[s * kExpPitch + row_of_pair(slot_mask[s], q - slot_range[s].x)] =
+            store_float<T>(__ldg(p.coef + q));
       }
-      __syncthreads();
     }
-    const T* tb = rows_of(stage);
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* tb = sb + buf * (kTileTokens * kExpBN);
 #pragma unroll 2
-    for (int kk = 0; kk < kExpStep; kk += 16) {
-      if (kk >= step_rows) break;  // uniform over the block
+    for (int kk = 0; kk < kTileTokens; kk += 16) {
+      if (kk >= tile_rows) break;  // uniform over the block
       uint32_t bf[2][4];
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
@@ -1248,10 +1210,14 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
 #pragma unroll
       for (int mt = 0; mt < 5; ++mt) {
         if (wm * 80 + mt * 16 >= n_slots) break;  // uniform over the warp
-        // [tokens][slots]: the transposed load gives the slot-major fragment.
         uint32_t af[4];
-        ldsm_x4_trans(af, coef_block + (kk + lane % 8 + (lane / 16) * 8) * kExpPitch + wm * 80 +
-                              mt * 16 + ((lane / 8) % 2) * 8);
+        if (prebuilt) {  // [tokens][slots]: the transposed load gives the slot-major fragment
+          ldsm_x4_trans(af, coef_block + (kk + lane % 8 + (lane / 16) * 8) * kExpPrePitch +
+                                wm * 80 + mt * 16 + ((lane / 8) % 2) * 8);
+        } else {
+          ldsm_x4(af, coef_block + (wm * 80 + mt * 16 + lane % 16) * kExpPitch + kk +
+                          (lane / 16) * 8);
+        }
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
           mma_16816<T>(acc[mt][np * 2], af, bf[np][0], bf[np][1]);
@@ -1259,6 +1225,7 @@ __global__ void __launch_bounds__(kExpThreads, 1) expert_sum_kernel(ExpertSumPar
         }
       }
     }
+    __syncthreads();
   }
   cp_async_wait<0>();
 
@@ -1579,40 +1546,19 @@ Groups build_groups(const LayerConfig& cfg, int64_t tokens, const TensorView& in
   return gr;
 }
 
-template <typename T, int kBN>
-void launch_dot_width(const DotParams<T>& p, bool backward, bool vec, int64_t bound,
-                      cudaStream_t stream) {
-  auto go = [&](auto kernel) {
-    const int grid = persistent_grid(kernel, dot_smem(kBN), bound * p.slot_chunks);
-    kernel<<<grid, kThreads, dot_smem(kBN), stream>>>(p);
-    OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled dot_kernel");
-  };
-  if (backward) {
-    vec ? go(dot_kernel<T, true, true, kBN>) : go(dot_kernel<T, true, false, kBN>);
-  } else {
-    vec ? go(dot_kernel<T, false, true, kBN>) : go(dot_kernel<T, false, false, kBN>);
-  }
-}
-
 template <typename T>
 void launch_dot(const DotParams<T>& p, bool backward, bool vec, int64_t bound,
                 cudaStream_t stream) {
-  p.slot_width == 160 ? launch_dot_width<T, 160>(p, backward, vec, bound, stream)
-                      : launch_dot_width<T, 64>(p, backward, vec, bound, stream);
-}
-
-// Slots per dot tile: 160 where the slot chunks of 160 cover the groups with little more padding
-// than chunks of 64 (grids of 320 and 600: none), else 64. OMNIMOE_TILED_DOT_SLOTS (64 or 160)
-// overrides.
-int dot_slot_width(const LayerConfig& cfg) {
-  const int64_t s = std::max(cfg.grid_rows, cfg.grid_cols);
-  if (const char* v = std::getenv("OMNIMOE_TILED_DOT_SLOTS"); v != nullptr && *v != '\0') {
-    OMNIMOE_CHECK(std::strcmp(v, "64") == 0 || std::strcmp(v, "160") == 0,
-                  "OMNIMOE_TILED_DOT_SLOTS must be 64 or 160, got \"", v, "\"");
-    return std::atoi(v);
+  auto go = [&](auto kernel) {
+    const int grid = persistent_grid(kernel, kDotSmem, bound * p.slot_chunks);
+    kernel<<<grid, kThreads, kDotSmem, stream>>>(p);
+    OMNIMOE_CUDA_CHECK_LAUNCH("experts_tiled dot_kernel");
+  };
+  if (backward) {
+    vec ? go(dot_kernel<T, true, true>) : go(dot_kernel<T, true, false>);
+  } else {
+    vec ? go(dot_kernel<T, false, true>) : go(dot_kernel<T, false, false>);
   }
-  const int64_t padded64 = (s + 63) / 64 * 64, padded160 = (s + 159) / 160 * 160;
-  return s > 128 && padded160 * 8 <= padded64 * 9 ? 160 : 64;
 }
 
 template <typename T>
@@ -1625,9 +1571,8 @@ DotParams<T> dot_params(const LayerConfig& cfg, const Groups& gr, const TensorVi
   dp.b = static_cast<const T*>(table.data);
   dp.b_stride = table.strides[0];
   dp.hidden = static_cast<int>(cfg.hidden);
-  dp.slot_width = dot_slot_width(cfg);
-  dp.slot_chunks = static_cast<int>((std::max(cfg.grid_rows, cfg.grid_cols) + dp.slot_width - 1) /
-                                    dp.slot_width);
+  dp.slot_chunks =
+      static_cast<int>((std::max(cfg.grid_rows, cfg.grid_cols) + kDotBN - 1) / kDotBN);
   dp.act = cfg.act;
   dp.coef = w.coef;
   dp.coef2 = w.coef2;

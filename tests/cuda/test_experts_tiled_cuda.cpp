@@ -299,54 +299,10 @@ TEST(ExpertsTiledCudaPassesEnv, BadCoefBlockCountIsNamed) {
                    "OMNIMOE_TILED_COEF_BLOCKS must be 0 or a positive integer, got \"-1\"");
 }
 
-TEST(ExpertsTiledCudaPassesEnv, BadDotSlotWidthIsNamed) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
-  expect_env_error("OMNIMOE_TILED_DOT_SLOTS", "128",
-                   "OMNIMOE_TILED_DOT_SLOTS must be 64 or 160, got \"128\"");
-}
-
 INSTANTIATE_TEST_SUITE_P(Routings, ExpertsTiledCudaPasses, ::testing::Values(kCart, kUni),
                          [](const auto& info) {
                            return info.param == kCart ? "cartesian" : "uniform";
                          });
-
-// Dot tiles of 64 and of 160 slots (OMNIMOE_TILED_DOT_SLOTS): each product sums the same
-// fragments in the same order, so forward and backward are bitwise equal; 160 also against the
-// CPU. The cases: one partial slot chunk (80 slots), element-wise copies (d = 37), padded f16
-// rows, four chunks of 160 (600 slots, d = 264: a partial last step of d).
-class ExpertsTiledCudaDotSlots : public ::testing::TestWithParam<TiledCase> {};
-
-TEST_P(ExpertsTiledCudaDotSlots, WidthsBitwiseEqualAndMatchCpu) {
-  OMNIMOE_SKIP_WITHOUT_GPU();
-  ForceTiledPath force;
-  ExpertsProblem P = problem_of(GetParam(), seed_of(GetParam()) + 5);
-  CudaStream s;
-  const Exec e = cuda_exec_mode(s.get(), true);
-  const char* widths[2] = {"64", "160"};
-  std::array<HostTensor, 6> out[2];
-  for (int run = 0; run < 2; ++run) {
-    ScopedEnv env("OMNIMOE_TILED_DOT_SLOTS", widths[run]);
-    out[run] = P.run_device(e);
-  }
-  expect_runs_bitwise_equal(out[0], out[1]);
-
-  ScopedEnv env("OMNIMOE_TILED_DOT_SLOTS", "160");
-  P.reset_outputs(false, 22);
-  run_both(true, [&](const Exec& ex) { P.forward(false, ex); });
-  P.expect_forward_close();
-  expect_backward_matches_cpu(P, false, true, 23);
-}
-
-INSTANTIATE_TEST_SUITE_P(Cases, ExpertsTiledCudaDotSlots,
-                         ::testing::Values(TiledCase{DType::bf16, 300, 200, 8, 80, 96, kRelu,
-                                                     kCart, 0},
-                                           TiledCase{DType::bf16, 257, 37, 19, 23, 7, kSilu,
-                                                     kCart, 0},
-                                           TiledCase{DType::f16, 257, 37, 19, 23, 7, kGelu,
-                                                     kCart, 3},
-                                           TiledCase{DType::bf16, 300, 264, 3, 600, 48, kSilu,
-                                                     kCart, 0}),
-                         [](const auto& info) { return case_name(info.param); });
 
 // ------------------------------------------------------------------------------------------
 // Timing (disabled by default):
