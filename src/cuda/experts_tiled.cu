@@ -862,7 +862,7 @@ __global__ void __launch_bounds__(kThreads, 2) token_sum_kernel(TokenSumParams<T
   T* coef_block = reinterpret_cast<T*>(smem);  // [128 tokens][window + 8]
   T* sb = coef_block + kTokBM * pitch;         // stages of [32 slots][128 columns]
   int2* slot_range = reinterpret_cast<int2*>(sb);  // [window], in-place builds only
-  uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + p.window);            // [window]
+  uint4* slot_mask = reinterpret_cast<uint4*>(slot_range + p.window);  // [window]
   __shared__ int tile_tokens[kTokBM];
   __shared__ int tile_rank[kTokBM];
   __shared__ double tile_scale[kTokBM];
