@@ -2,7 +2,8 @@
 # One call for a kernel change, from carried builds (build-carry/build.tgz = the change,
 # build-carry/base.tgz = before it; tarballs of omnimoe and tests/omnimoe_cuda_tests): every CUDA
 # test, memcheck and racecheck on SANITIZE_FILTER (default: the router's select tests and the
-# layer's overlap tests), an A/B of the two builds (ab_bench.sh on AB_CONFIGS, AB_ENVS), then
+# layer's overlap tests; SANITIZE_TIMEOUT seconds each, default 120: racecheck on the 58 tiled
+# tests needs more), an A/B of the two builds (ab_bench.sh on AB_CONFIGS, AB_ENVS, AB_ITERS), then
 # BENCH_CONFIGS benched with JSON by the change if its tests passed (else by the base), then
 # PROFILE=1: a line-level ncu profile of the selection (prof_select.sh). PY_FILES="test_cuda.py
 # ..." also builds the Python package from the working tree (in the background from the start;
@@ -36,14 +37,15 @@ rc=$?
 echo "cuda tests: rc $rc"; grep -E "^\[  FAILED|^\[  PASSED|SKIPPED \]" "$O/cuda_tests.log" | head -20
 f=${SANITIZE_FILTER:-'*LayerGraphReplay*:*LayerOverlapCuda*:Shapes/RouterCudaSelect.*T100_Nr320*:BucketShapes/*:RouterCudaSelectTies.MixedTokens_T41*:RouterCudaSelectNonFinite.*-*ErrorPendingBefore*'}
 for t in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool $t --error-exitcode 9 $bin --gtest_filter="$f" \
+  timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool $t --error-exitcode 9 $bin --gtest_filter="$f" \
     --gtest_brief=1 > "$O/sanitizer_$t.log" 2>&1
   echo "$t rc $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$O/sanitizer_$t.log" | tail -1)"
 done
 if [ -n "${PY_FILES:-}" ]; then
   wait $py_build; tail -n 1 "$O/python_build.log"
 fi
-OUT="$O" AB_BINS="build-base/omnimoe build-dev/omnimoe$variants" AB_ROUNDS=${AB_ROUNDS:-1} AB_ITERS=15 \
+OUT="$O" AB_BINS="build-base/omnimoe build-dev/omnimoe$variants" AB_ROUNDS=${AB_ROUNDS:-1} \
+  AB_ITERS=${AB_ITERS:-15} \
   bash scripts/device/ab_bench.sh
 b=build-dev; [ $rc -eq 0 ] || b=build-base
 echo "benched with $b" | tee "$O/benched_with.txt"
