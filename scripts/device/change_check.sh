@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call for a kernel change, from carried builds (build-carry/build.tgz = the change,
-# build-carry/base.tgz = before it; tarballs of omnimoe and tests/omnimoe_cuda_tests): every CUDA
-# test, memcheck and racecheck on SANITIZE_FILTER (default: the router's select tests and the
+# build-carry/base.tgz = before it; tarballs of omnimoe and tests/omnimoe_cuda_tests): DET_REPEAT
+# repeats of the tiled determinism test (default none), every CUDA test, memcheck and racecheck on SANITIZE_FILTER (default: the router's select tests and the
 # layer's overlap tests; SANITIZE_TIMEOUT seconds each, default 120: racecheck on the 58 tiled
 # tests needs more), an A/B of the two builds (ab_bench.sh on AB_CONFIGS, AB_ENVS, AB_ITERS), then
 # BENCH_CONFIGS benched with JSON by the change if its tests passed (else by the base), then
@@ -32,6 +32,11 @@ if [ -n "${PY_FILES:-}" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$O/gpu.txt"
 bin=build-dev/tests/omnimoe_cuda_tests
+if [ "${DET_REPEAT:-0}" -gt 0 ]; then  # the tiled path's determinism test, repeated
+  timeout 120 $bin --gtest_filter='ExpertsTiledCudaDeterminism.*' --gtest_repeat="$DET_REPEAT" \
+    --gtest_brief=1 > "$O/determinism.log" 2>&1
+  echo "determinism x$DET_REPEAT: rc $? failures $(grep -c '^\[  FAILED' "$O/determinism.log")"
+fi
 timeout 200 $bin --gtest_brief=1 > "$O/cuda_tests.log" 2>&1
 rc=$?
 echo "cuda tests: rc $rc"; grep -E "^\[  FAILED|^\[  PASSED|SKIPPED \]" "$O/cuda_tests.log" | head -20

@@ -4,12 +4,12 @@
 # budget with the kept (nested, 3-stage) kernel, and profile the expert sums.
 #   - A/B at paper-k512-t16k: default (3 passes), 1024 / 512 / 256 columns per pass.
 #   - Stage times of each setting (OMNIMOE_TILED_TIMING=1).
+#   - determinism x20 and the pass tests under the sanitizers (change_check.sh).
 #   - ncu of expert_sum_kernel's four launches (dW and dV, row and column passes).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
-mkdir -p build-dev $OUT/next
-tar xzf build-carry/build.tgz -C build-dev || exit 1
-SANITIZE_FILTER='*ExpertsTiledCudaPasses*' AB_CONFIGS="paper-k512-t16k paper-k512-t4k" \
+mkdir -p $OUT/next
+DET_REPEAT=20 SANITIZE_FILTER='*ExpertsTiledCudaPasses*' AB_CONFIGS="paper-k512-t16k paper-k512-t4k" \
 AB_ENVS="default OMNIMOE_TILED_PASS_COLUMNS=1024 OMNIMOE_TILED_PASS_COLUMNS=512 OMNIMOE_TILED_PASS_COLUMNS=256" \
   timeout 300 bash scripts/device/change_check.sh
 for cols in default 1024 512 256; do
