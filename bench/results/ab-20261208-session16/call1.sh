@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Session 16's planned call (never ran: no device machine was lent that session). Builds from
+# prepare.sh: base = main; split = + gather-split.patch; split-expsum = + expsum160.patch;
+# dev (with the tests) = + dot4.patch. Carry build-carry/build.tgz, base.tgz and variants/.
+#   1. change_check: every CUDA test on dev, tiled determinism x5, memcheck + racecheck on the
+#      split tests and the tiled pass tests, A/B of the four builds on four configs.
+#   2. Per-kernel times of dev at paper-k512-t16k and t1k (which build stages cost what).
+#   3. The split count forced (OMNIMOE_GATHER_TOKEN_SPLIT) on the gather configs.
+#   4. The tiled backward at paper-k512-t4k (forced) on base and dev: does dev move the
+#      dispatcher's backward threshold?
+#   5. The token sums' pass budget (OMNIMOE_TILED_PASS_COLUMNS) at paper-k512-t16k; stage times.
+#   6. ncu of base's expert_sum_kernel (four launches), with source counters.
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
+mkdir -p $OUT/next
+DET_REPEAT=5 SANITIZE_TIMEOUT=90 \
+SANITIZE_FILTER='*ExpertsCudaGatherSplit*:*ExpertsCudaDeterminism*gather*:*ExpertsTiledCudaPasses*' \
+AB_CONFIGS="paper-k512-t1k ref-quickstart paper-k512-t16k paper-k512-t4k" AB_ITERS=15 \
+  timeout 320 bash scripts/device/change_check.sh
+for c in paper-k512-t16k paper-k512-t1k; do
+  OUT=$OUT/next timeout 60 bash scripts/device/kernel_times.sh $c | head -40
+done
+OUT=$OUT/split AB_BINS=build-split/omnimoe AB_ROUNDS=1 AB_ITERS=15 AB_CONFIGS=paper-k512-t1k \
+AB_ENVS="OMNIMOE_GATHER_TOKEN_SPLIT=1 OMNIMOE_GATHER_TOKEN_SPLIT=2 OMNIMOE_GATHER_TOKEN_SPLIT=8" \
+  timeout 60 bash scripts/device/ab_bench.sh
+OUT=$OUT/split2 AB_BINS=build-split/omnimoe AB_ROUNDS=1 AB_ITERS=15 \
+AB_CONFIGS="ref-quickstart pool-1m-k256 paper-k512-t4k" AB_ENVS="OMNIMOE_GATHER_TOKEN_SPLIT=2" \
+  timeout 60 bash scripts/device/ab_bench.sh
+OUT=$OUT/tiledbwd AB_BINS="build-base/omnimoe build-dev/omnimoe" AB_ROUNDS=1 AB_ITERS=10 \
+AB_CONFIGS=paper-k512-t4k AB_ENVS="OMNIMOE_EXPERTS_PATH=tiled" timeout 60 bash scripts/device/ab_bench.sh
+OUT=$OUT/pass AB_BINS=build-dev/omnimoe AB_ROUNDS=1 AB_ITERS=10 AB_CONFIGS=paper-k512-t16k \
+AB_ENVS="OMNIMOE_TILED_PASS_COLUMNS=1024 OMNIMOE_TILED_PASS_COLUMNS=512" \
+  timeout 60 bash scripts/device/ab_bench.sh
+for b in build-base build-dev; do
+  OMNIMOE_TILED_TIMING=1 timeout 40 $b/omnimoe bench --device cuda --config paper-k512-t16k \
+    --warmup 1 --iters 2 --skip-baselines --skip-ceilings > /dev/null 2> $OUT/next/stages-$b.txt
+  echo "stages t16k $b rc $?"; grep experts_tiled $OUT/next/stages-$b.txt | tail -2 | cut -c1-300
+done
+timeout 100 ncu --clock-control none -k regex:expert_sum_kernel --launch-count 4 \
+  --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+  --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
+  --section InstructionStats --section SourceCounters \
+  build-base/omnimoe bench --device cuda --config paper-k512-t16k --warmup 0 --iters 1 \
+  --skip-baselines --skip-ceilings > $OUT/next/prof_expert_sum.txt 2>&1
+echo "ncu expert_sum rc $?"
+grep -E "Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|L2 Hit|Stall|Issue Slots Busy" \
+  $OUT/next/prof_expert_sum.txt | head -40
+tar czf $OUT/next.tgz -C $OUT next && rm -rf $OUT/next
