@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Session 16's planned call (never ran: no device machine was lent that session). Builds from
 # prepare.sh: base = main; split = + gather-split.patch; split-expsum = + expsum160.patch;
-# dev (with the tests) = + dot4.patch. Carry build-carry/build.tgz, base.tgz and variants/.
+# dev (with the tests) = + dot4.patch + split-da.patch (d > 2048 only). Carry
+# build-carry/build.tgz, base.tgz and variants/.
 #   1. change_check: every CUDA test on dev, tiled determinism x5, memcheck + racecheck on the
-#      split tests and the tiled pass tests, A/B of the four builds on four configs.
+#      split tests, the tiled pass tests and the split-coefficient test, A/B of the four
+#      builds on four configs.
 #   2. Per-kernel times of dev at paper-k512-t16k and t1k (which build stages cost what).
 #   3. The split count forced (OMNIMOE_GATHER_TOKEN_SPLIT) on the gather configs.
 #   4. The tiled backward at paper-k512-t4k (forced) on base and dev: does dev move the
@@ -14,7 +16,7 @@ set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
 mkdir -p $OUT/next
 DET_REPEAT=5 SANITIZE_TIMEOUT=90 \
-SANITIZE_FILTER='*ExpertsCudaGatherSplit*:*ExpertsCudaDeterminism*gather*:*ExpertsTiledCudaPasses*' \
+SANITIZE_FILTER='*ExpertsCudaGatherSplit*:*ExpertsCudaDeterminism*gather*:*ExpertsTiledCudaPasses*:*SplitCoef*' \
 AB_CONFIGS="paper-k512-t1k ref-quickstart paper-k512-t16k paper-k512-t4k" AB_ITERS=15 \
   timeout 320 bash scripts/device/change_check.sh
 for c in paper-k512-t16k paper-k512-t1k; do
