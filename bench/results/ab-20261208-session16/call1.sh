@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 16's planned call (never ran: no device machine was lent that session). Builds from
 # prepare.sh: base = main; split = + gather-split.patch; split-expsum = + expsum160.patch;
-# dev (with the tests) = + dot4.patch + split-da.patch (d > 2048 only). Carry
+# dev (with the tests) = + dot4.patch + split-da.patch (d > 2048 only) + wgmma.patch (a test of
+# the wgmma primitives, `WgmmaCuda.*`, in the suite). Carry
 # build-carry/build.tgz, base.tgz and variants/.
 #   1. change_check: every CUDA test on dev, tiled determinism x5, memcheck + racecheck on the
 #      split tests, the tiled pass tests and the split-coefficient test, A/B of the four
