@@ -7,8 +7,9 @@
 #   dev (with the tests) + dot4.patch (dot products in 4 stages) + split-da.patch (the tiled
 #                        path up to d = 8192: dW's coefficients in two parts above d = 2048;
 #                        no effect on the benched configs, d = 1024) + wgmma.patch (the
-#                        wgmma primitives and their test; no kernel uses them yet)
-# Leaves the five patches applied (the dev tree) and build-carry/ ready to carry.
+#                        wgmma primitives and their test) + dot-wgmma.patch (the dot
+#                        products on wgmma behind OMNIMOE_TILED_DOT=wgmma, off by default)
+# Leaves the six patches applied (the dev tree) and build-carry/ ready to carry.
 set -euo pipefail
 D=bench/results/ab-20261208-session16
 git diff --quiet -- src tests || { echo "prepare.sh: src/ or tests/ has changes; start from main" >&2; exit 1; }
@@ -17,5 +18,5 @@ rm -f build-carry/variants/*.txz
 ninja -C build-lead omnimoe && bash scripts/device/pack_builds.sh base
 git apply $D/gather-split.patch && ninja -C build-lead omnimoe && bash scripts/device/pack_builds.sh variant split
 git apply $D/expsum160.patch && ninja -C build-lead omnimoe && bash scripts/device/pack_builds.sh variant split-expsum
-git apply $D/dot4.patch $D/split-da.patch $D/wgmma.patch
+git apply $D/dot4.patch $D/split-da.patch $D/wgmma.patch $D/dot-wgmma.patch
 ninja -C build-lead omnimoe_cuda_tests omnimoe_tool && bash scripts/device/pack_builds.sh dev
