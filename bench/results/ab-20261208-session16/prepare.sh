@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the four binaries call1.sh compares, on the CPU machine, from a clean main (run from
-# the repository root; ~5 min from scratch, ~40 s a rebuild):
+# the repository root; ~10 min: dot-wgmma.patch changes a header every CUDA file includes):
 #   base                 main as it is
 #   split                + gather-split.patch (a token's experts dealt to several thread groups)
 #   split-expsum         + expsum160.patch (expert sums in blocks of 160 slots, two per SM)
