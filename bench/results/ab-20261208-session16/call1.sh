@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 16's planned call (never ran: no device machine was lent that session). Builds from
+# Session 16's planned first call (never ran: no device machine was lent that session); call2.sh
+# is the second, on the same warm machine. ~350 s. Builds from
 # prepare.sh: base = main; split = + gather-split.patch; split-expsum = + expsum160.patch;
 # dev (with the tests) = + dot4.patch + split-da.patch (d > 2048 only) + wgmma.patch (a test of
 # the wgmma primitives, `WgmmaCuda.*`, in the suite) + dot-wgmma.patch (OMNIMOE_TILED_DOT=wgmma,
@@ -9,11 +10,6 @@
 #      split tests, the tiled pass tests and the split-coefficient test, A/B of the four
 #      builds on four configs.
 #   2. Per-kernel times of dev at paper-k512-t16k and t1k (which build stages cost what).
-#   3. The split count forced (OMNIMOE_GATHER_TOKEN_SPLIT) on the gather configs.
-#   4. The dot on wgmma (OMNIMOE_TILED_DOT=wgmma) against dev's mma.sync dot; the tiled backward
-#      at paper-k512-t4k (forced) on base and dev: does dev move the dispatcher's threshold?
-#   5. The token sums' pass budget (OMNIMOE_TILED_PASS_COLUMNS) at paper-k512-t16k; stage times.
-#   6. ncu of base's expert_sum_kernel (four launches), with source counters.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
 mkdir -p $OUT/next
@@ -24,34 +20,4 @@ AB_CONFIGS="paper-k512-t1k ref-quickstart paper-k512-t16k paper-k512-t4k" AB_ITE
 for c in paper-k512-t16k paper-k512-t1k; do
   OUT=$OUT/next timeout 60 bash scripts/device/kernel_times.sh $c | head -40
 done
-OUT=$OUT/split AB_BINS=build-split/omnimoe AB_ROUNDS=1 AB_ITERS=15 AB_CONFIGS=paper-k512-t1k \
-AB_ENVS="OMNIMOE_GATHER_TOKEN_SPLIT=1 OMNIMOE_GATHER_TOKEN_SPLIT=2 OMNIMOE_GATHER_TOKEN_SPLIT=8" \
-  timeout 60 bash scripts/device/ab_bench.sh
-OUT=$OUT/split2 AB_BINS=build-split/omnimoe AB_ROUNDS=1 AB_ITERS=15 \
-AB_CONFIGS="ref-quickstart pool-1m-k256 paper-k512-t4k" AB_ENVS="OMNIMOE_GATHER_TOKEN_SPLIT=2" \
-  timeout 60 bash scripts/device/ab_bench.sh
-OUT=$OUT/wgmma AB_BINS=build-dev/omnimoe AB_ROUNDS=1 AB_ITERS=15 \
-AB_CONFIGS="paper-k512-t4k paper-k512-t16k" AB_ENVS="OMNIMOE_TILED_DOT=wgmma" \
-  timeout 60 bash scripts/device/ab_bench.sh
-OUT=$OUT/tiledbwd AB_BINS="build-base/omnimoe build-dev/omnimoe" AB_ROUNDS=1 AB_ITERS=10 \
-AB_CONFIGS=paper-k512-t4k AB_ENVS="OMNIMOE_EXPERTS_PATH=tiled" timeout 60 bash scripts/device/ab_bench.sh
-OUT=$OUT/pass AB_BINS=build-dev/omnimoe AB_ROUNDS=1 AB_ITERS=10 AB_CONFIGS=paper-k512-t16k \
-AB_ENVS="OMNIMOE_TILED_PASS_COLUMNS=1024 OMNIMOE_TILED_PASS_COLUMNS=512" \
-  timeout 60 bash scripts/device/ab_bench.sh
-for run in base dev dev-wgmma; do
-  b=build-${run%-wgmma}; envs=(OMNIMOE_TILED_TIMING=1)
-  [ $run = dev-wgmma ] && envs+=(OMNIMOE_TILED_DOT=wgmma)
-  env "${envs[@]}" timeout 40 $b/omnimoe bench --device cuda --config paper-k512-t16k \
-    --warmup 1 --iters 2 --skip-baselines --skip-ceilings > /dev/null 2> $OUT/next/stages-$run.txt
-  echo "stages t16k $run rc $?"; grep experts_tiled $OUT/next/stages-$run.txt | tail -2 | cut -c1-300
-done
-timeout 100 ncu --clock-control none -k regex:expert_sum_kernel --launch-count 4 \
-  --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
-  --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
-  --section InstructionStats --section SourceCounters \
-  build-base/omnimoe bench --device cuda --config paper-k512-t16k --warmup 0 --iters 1 \
-  --skip-baselines --skip-ceilings > $OUT/next/prof_expert_sum.txt 2>&1
-echo "ncu expert_sum rc $?"
-grep -E "Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|L2 Hit|Stall|Issue Slots Busy" \
-  $OUT/next/prof_expert_sum.txt | head -40
 tar czf $OUT/next.tgz -C $OUT next && rm -rf $OUT/next
