@@ -3,6 +3,7 @@
 #   3. The split count forced (OMNIMOE_GATHER_TOKEN_SPLIT) on the gather configs.
 #   4. The dot on wgmma (OMNIMOE_TILED_DOT=wgmma) against dev's mma.sync dot; the tiled backward
 #      at paper-k512-t4k (forced) on base and dev: does dev move the dispatcher's threshold?
+#      The tiled path forced at paper-k4096-t4k (dev, both dots): how far from dense now.
 #   5. The token sums' pass budget (OMNIMOE_TILED_PASS_COLUMNS) at paper-k512-t16k; stage times.
 #   6. ncu of base's expert_sum_kernel (four launches), with source counters.
 set -uo pipefail
@@ -22,6 +23,10 @@ AB_CONFIGS="paper-k512-t4k paper-k512-t16k" AB_ENVS="OMNIMOE_TILED_DOT=wgmma" \
   timeout 60 bash scripts/device/ab_bench.sh
 OUT=$OUT/tiledbwd AB_BINS="build-base/omnimoe build-dev/omnimoe" AB_ROUNDS=1 AB_ITERS=10 \
 AB_CONFIGS=paper-k512-t4k AB_ENVS="OMNIMOE_EXPERTS_PATH=tiled" timeout 60 bash scripts/device/ab_bench.sh
+# How far the tiled path (dev's kernels, mma.sync and wgmma dots) is from dense at K = 4096.
+OUT=$OUT/k4096 AB_BINS=build-dev/omnimoe AB_ROUNDS=1 AB_ITERS=5 AB_CONFIGS=paper-k4096-t4k \
+AB_ENVS="OMNIMOE_EXPERTS_PATH=tiled OMNIMOE_TILED_DOT=wgmma,OMNIMOE_EXPERTS_PATH=tiled" \
+  timeout 80 bash scripts/device/ab_bench.sh
 OUT=$OUT/pass AB_BINS=build-dev/omnimoe AB_ROUNDS=1 AB_ITERS=10 AB_CONFIGS=paper-k512-t16k \
 AB_ENVS="OMNIMOE_TILED_PASS_COLUMNS=1024 OMNIMOE_TILED_PASS_COLUMNS=512" \
   timeout 60 bash scripts/device/ab_bench.sh
