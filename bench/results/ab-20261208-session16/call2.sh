@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 16's planned second call (after call1.sh, same builds and carry; ~220 s):
+# Session 16's planned second call (after call1.sh, same builds and carry; ~250 s):
 #   3. The split count forced (OMNIMOE_GATHER_TOKEN_SPLIT) on the gather configs.
 #   4. The dot on wgmma (OMNIMOE_TILED_DOT=wgmma) against dev's mma.sync dot; the tiled backward
 #      at paper-k512-t4k (forced) on base and dev: does dev move the dispatcher's threshold?
