@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Packs binaries built on the CPU machine for a device call (the device machine builds nothing;
-# scripts/device/change_check.sh unpacks them):
+# Packs binaries built on the CPU machine for a device call (building there would spend device
+# time; scripts/device/change_check.sh unpacks them):
 #   pack_builds.sh dev [DIR]           build-carry/build.tgz: omnimoe + tests/omnimoe_cuda_tests
 #   pack_builds.sh base [DIR]          build-carry/base.tgz: omnimoe
 #   pack_builds.sh variant NAME [DIR]  build-carry/variants/NAME.txz: omnimoe (xz, ~9 MB)
