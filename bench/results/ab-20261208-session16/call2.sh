@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Session 16's planned second call (after call1.sh, same builds and carry; ~250 s):
+# Session 16's planned second call (after call1.sh, same builds and carry; ~350 s):
 #   3. The split count forced (OMNIMOE_GATHER_TOKEN_SPLIT) on the gather configs.
 #   4. The dot on wgmma (OMNIMOE_TILED_DOT=wgmma) against dev's mma.sync dot; the tiled backward
 #      at paper-k512-t4k (forced) on base and dev: does dev move the dispatcher's threshold?
 #      The tiled path forced at paper-k4096-t4k (dev, both dots): how far from dense now.
 #   5. The token sums' pass budget (OMNIMOE_TILED_PASS_COLUMNS) at paper-k512-t16k; stage times.
-#   6. ncu of base's expert_sum_kernel (four launches), with source counters.
+#   6. ncu of base's expert_sum_kernel (four launches), with source counters, and of the
+#      router's selection (scripts/device/prof_select.sh).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib
 mkdir -p $OUT/next build-dev build-base build-split
@@ -46,4 +47,7 @@ timeout 100 ncu --clock-control none -k regex:expert_sum_kernel --launch-count 4
 echo "ncu expert_sum rc $?"
 grep -E "Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|L2 Hit|Stall|Issue Slots Busy" \
   $OUT/next/prof_expert_sum.txt | head -40
+# The selection at paper-k4096-t4k and t16k, line by line (0.50 and 0.75 ms: the next lever
+# outside the experts).
+OUT=$OUT/next timeout 200 bash scripts/device/prof_select.sh
 tar czf $OUT/next.tgz -C $OUT next && rm -rf $OUT/next
