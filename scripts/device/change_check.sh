@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call for a kernel change, from carried builds (build-carry/build.tgz = the change,
-# build-carry/base.tgz = before it; tarballs of omnimoe and tests/omnimoe_cuda_tests): DET_REPEAT
+# One call for a kernel change, from carried builds (build-carry/build.txz = the change,
+# build-carry/base.txz = before it; scripts/device/pack_builds.sh packs them): DET_REPEAT
 # repeats of the tiled determinism test (default none), every CUDA test, memcheck and racecheck on SANITIZE_FILTER (default: the router's select tests and the
 # layer's overlap tests; SANITIZE_TIMEOUT seconds each, default 120: racecheck on the 58 tiled
 # tests needs more), an A/B of the two builds (ab_bench.sh on AB_CONFIGS, AB_ENVS, AB_ITERS), then
@@ -15,7 +15,8 @@ final_out=${OUT:-/tmp/omnimoe_out}
 O="$final_out/check"
 mkdir -p "$O/json" build-dev build-base
 trap 'tar czf "$final_out/check.tgz" -C "$final_out" check && rm -rf "$O"' EXIT
-tar xzf build-carry/build.tgz -C build-dev && tar xzf build-carry/base.tgz -C build-base || exit 1
+python3 -m tarfile -e build-carry/build.txz build-dev &&
+  python3 -m tarfile -e build-carry/base.txz build-base || exit 1
 # Extra builds for the A/B only: build-carry/variants/NAME.txz, each holding `omnimoe` (xz: ~9 MB
 # a build, so several fit the carry beside the two tarballs), benched as build-NAME.
 variants=""

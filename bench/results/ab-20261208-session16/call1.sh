@@ -4,8 +4,10 @@
 # prepare.sh: base = main; split = + gather-split.patch; split-expsum = + expsum160.patch;
 # dev (with the tests) = + dot4.patch + split-da.patch (d > 2048 only) + wgmma.patch (a test of
 # the wgmma primitives, `WgmmaCuda.*`, in the suite) + dot-wgmma.patch (OMNIMOE_TILED_DOT=wgmma,
-# off by default; `ExpertsTiledCudaWgmmaDot.*` force it). Carry
-# build-carry/build.tgz, base.tgz and variants/.
+# off by default; `ExpertsTiledCudaWgmmaDot.*` force it) + session 17's wgmma-mn.patch (MN-major
+# operands, more `WgmmaCuda.*` cases) and wgmma-tokensum.patch (OMNIMOE_TILED_TOKEN_SUM=wgmma,
+# off by default; `ExpertsTiledCudaWgmmaTokenSum*` force it). Carry
+# build-carry/build.txz, base.txz and variants/.
 #   1. change_check: every CUDA test on dev, tiled determinism x5, memcheck + racecheck on the
 #      split tests, the tiled pass tests and the split-coefficient test, A/B of the four
 #      builds on four configs.
